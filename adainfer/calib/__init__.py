@@ -1,0 +1,1 @@
+"""Calibration of the early-exit classifier (features per layer, labels, training, threshold)."""

@@ -1,0 +1,41 @@
+"""`adainfer-export [MODEL_DIR] -o BUNDLE_DIR`: write a bundle from a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..cli_common import run_main
+from ..paths import DEFAULT_MODEL_DIR
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adainfer-export", description=__doc__)
+    p.add_argument("model_dir", nargs="?", type=Path, default=None,
+                   help=f"Hugging Face model directory (default: the bundled {DEFAULT_MODEL_DIR.name})")
+    p.add_argument("-o", "--output", type=Path, default=None, help="bundle directory to write (default: bundles/<model name>)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    p.add_argument("--no-verify", action="store_true", help="skip the checks against PyTorch and transformers")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+
+    def body() -> int:
+        from .export import export  # torch loads here, after argument errors are reported
+
+        model_dir = args.model_dir or DEFAULT_MODEL_DIR
+        out = args.output or Path("bundles") / model_dir.name
+        manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet)
+        print(f"wrote {out}: {manifest.family} ({manifest.model_type}), {manifest.num_layers} blocks, "
+              f"hidden {manifest.hidden_size}, vocab {manifest.vocab_size}")
+        return 0
+
+    return run_main("adainfer-export", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

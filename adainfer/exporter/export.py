@@ -1,0 +1,223 @@
+"""Turn a Hugging Face causal LM into a bundle: per-block ONNX graphs, heads, tokenizer, manifest.
+
+The bundle is built in a temporary directory beside the target, verified, and renamed
+into place only when complete: an interrupted or failed export leaves no bundle behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import onnx
+import torch
+import transformers
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import ExportError
+from ..manifest import SCHEMA_VERSION, ExporterInfo, GraphSpec, Macs, Manifest, TensorSpec, file_spec, sha256_of
+from ..paths import DEFAULT_MODEL_DIR
+from . import staging
+from .families import FamilyAdapter, adapter_class_for, adapter_for
+from .graphs import GraphDef, graph_defs
+from .verify import verify_against_transformers, verify_graph
+
+OPSET = 17
+#: graphs whose weights exceed this are saved with ONNX external data (protobuf's limit is 2 GiB)
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+#: files copied from the model directory when present
+MODEL_FILES = ("tokenizer.json", "config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
+
+ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64",
+               onnx.TensorProto.INT32: "int32", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def load_model(model_dir: Path):
+    """Load a model directory with safetensors weights only (never unpickling)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ExportError(f"model directory not found: {model_dir}")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ExportError(f"not a Hugging Face model directory (no config.json): {model_dir}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ExportError(f"{config_path}: no model_type")
+    adapter_class_for(config["model_type"])  # refuse unsupported families before loading weights
+    if not any(model_dir.glob("*.safetensors")):
+        raise ExportError(f"{model_dir}: no .safetensors weights (pickled checkpoints are not loaded)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=torch.float32, use_safetensors=True, attn_implementation="eager"
+            )
+    except Exception as exc:  # transformers raises many types for a broken directory
+        raise ExportError(f"cannot load model from {model_dir}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return model.eval()
+
+
+def export(
+    model_dir: Optional[Path] = None,
+    out_dir: Optional[Path] = None,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    progress: bool = True,
+) -> Manifest:
+    """Export a model directory (the bundled stories260K by default) to a bundle directory."""
+    model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
+    out_dir = Path(out_dir) if out_dir is not None else Path("bundles") / model_dir.name
+    staging.check_target(out_dir, force)
+    model = load_model(model_dir)
+    return export_model(model, out_dir, model_dir=model_dir, force=force, verify=verify, progress=progress)
+
+
+def export_model(
+    model,
+    out_dir: Path,
+    *,
+    model_dir: Optional[Path] = None,
+    tokenizer_file: Optional[Path] = None,
+    force: bool = False,
+    verify: bool = True,
+    progress: bool = False,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> Manifest:
+    """Export an already loaded `transformers` model; `model_dir` supplies tokenizer and config files."""
+    out_dir = Path(out_dir)
+    staging.check_target(out_dir, force)
+    model = model.eval().float()
+    adapter = adapter_for(model)
+    with staging.staged_directory(out_dir, force=force) as tmp:
+        with torch.no_grad():
+            graphs = _export_graphs(adapter, tmp, verify, progress, external_data_threshold)
+        files = _copy_model_files(model, tmp, model_dir, tokenizer_file)
+        manifest = _manifest(adapter, graphs, files)
+        manifest.save(tmp)
+        if verify:
+            verify_against_transformers(model, tmp)
+    return manifest
+
+
+def _export_graphs(adapter: FamilyAdapter, tmp: Path, verify: bool, progress: bool, threshold: int) -> dict[str, GraphSpec]:
+    specs = {}
+    defs = graph_defs(adapter)
+    for gdef in tqdm(defs, desc="export", unit="graph", disable=not progress):
+        path = tmp / f"{gdef.name}.onnx"
+        _export_one(gdef, path, threshold)
+        if verify:
+            verify_graph(gdef, path)
+        specs[gdef.name] = _graph_spec(path)
+    return specs
+
+
+def _export_one(gdef: GraphDef, path: Path, threshold: int) -> None:
+    """Export one graph; large ones keep their weights in `<name>.onnx.data` (ONNX external data)."""
+    scratch = path.parent / f".scratch-{gdef.name}"
+    scratch.mkdir()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                gdef.module,
+                tuple(gdef.inputs.values()),
+                str(scratch / "graph.onnx"),
+                input_names=list(gdef.inputs),
+                output_names=gdef.outputs,
+                dynamic_axes=gdef.dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        model = onnx.load(str(scratch / "graph.onnx"))
+        weight_bytes = sum(p.numel() * p.element_size() for p in gdef.module.parameters())
+        if weight_bytes > threshold:
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{path.name}.data", size_threshold=1024)
+        else:
+            onnx.save_model(model, str(path))
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise ExportError(f"exporting {gdef.name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _tensor_specs(values) -> list[TensorSpec]:
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        specs.append(TensorSpec(name=v.name, dtype=ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), shape=dims))
+    return specs
+
+
+def _graph_spec(path: Path) -> GraphSpec:
+    model = onnx.load(str(path), load_external_data=False)
+    data = path.with_name(path.name + ".data")
+    data_files = [file_spec(path.parent, data.name)] if data.exists() else []
+    return GraphSpec(file=path.name, sha256=sha256_of(path), size=path.stat().st_size,
+                     inputs=_tensor_specs(model.graph.input), outputs=_tensor_specs(model.graph.output),
+                     data_files=data_files)
+
+
+def _copy_model_files(model, tmp: Path, model_dir: Optional[Path], tokenizer_file: Optional[Path]) -> dict:
+    files = {}
+    if model_dir is not None:
+        for name in MODEL_FILES:
+            src = Path(model_dir) / name
+            if src.is_file():
+                shutil.copyfile(src, tmp / name)
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+    if not (tmp / "config.json").exists():
+        model.config.to_json_file(str(tmp / "config.json"))
+    for name in MODEL_FILES:
+        if (tmp / name).exists():
+            files[name.removesuffix(".json")] = file_spec(tmp, name)
+    return files
+
+
+def _eos_ids(model) -> list[int]:
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = model.config.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _manifest(adapter: FamilyAdapter, graphs: dict[str, GraphSpec], files: dict) -> Manifest:
+    g = adapter.geometry()
+    config = adapter.config
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        family=adapter.name,
+        model_type=config.model_type,
+        num_layers=g.num_layers,
+        hidden_size=g.hidden_size,
+        vocab_size=g.vocab_size,
+        max_positions=g.max_positions,
+        num_heads=g.num_heads,
+        num_kv_heads=g.num_kv_heads,
+        head_dim=g.head_dim,
+        dtype="float32",
+        padding_side="left",
+        bos_token_id=config.bos_token_id if isinstance(config.bos_token_id, int) else None,
+        eos_token_ids=_eos_ids(adapter.model),
+        graphs=graphs,
+        files=files,
+        macs=Macs(embed=adapter.embed_macs(), blocks=[adapter.block_macs(i) for i in range(g.num_layers)],
+                  exit_head=adapter.head_macs(), final_head=adapter.head_macs()),
+        exporter=ExporterInfo(adainfer=__version__, torch=torch.__version__, transformers=transformers.__version__,
+                              onnx=onnx.__version__, opset=OPSET),
+    )

@@ -1,0 +1,11 @@
+"""The light runtime: numpy + onnxruntime + tokenizers. Never imports torch or transformers.
+
+    >>> import adainfer.runtime as rt
+    >>> model = rt.load("bundles/stories260K")
+    >>> model.generate("Once upon a time", max_new_tokens=20).text
+"""
+
+from .bundle import Bundle, open_bundle
+from .model import DecodeState, Generation, Model, StreamEvent, load
+
+__all__ = ["Bundle", "DecodeState", "Generation", "Model", "StreamEvent", "load", "open_bundle"]

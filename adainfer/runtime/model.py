@@ -1,0 +1,223 @@
+"""The chain: embedding -> block_00 ... block_NN -> head, with the KV cache kept in numpy.
+
+Read top to bottom like llama2.c's forward pass. Batches are left-padded: every row's
+last position is the newest token, and position ids count real tokens only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import BundleError, InputError
+from .bundle import Bundle, open_bundle
+from .sampling import choose_token
+from .sessions import DEFAULT_PROVIDERS, make_session
+from .tokenizer import StreamDecoder, TextTokenizer
+
+
+@dataclass
+class DecodeState:
+    """What a batch of sequences carries between steps: per-layer keys and values, mask, next position."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    attention_mask: np.ndarray  # (batch, total_length) int64, 0 = padding
+    next_position: np.ndarray  # (batch,) int64
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+
+@dataclass
+class Generation:
+    """The result of `Model.generate`."""
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    layers_per_token: list[int]
+    seconds: float
+    stop_reason: str
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
+                "new_tokens": self.new_tokens, "layers_per_token": self.layers_per_token,
+                "seconds": self.seconds, "stop_reason": self.stop_reason}
+
+
+@dataclass
+class StreamEvent:
+    token: int
+    text: str
+    layers: int
+
+
+class Model:
+    """A loaded bundle. Thread-safe for concurrent generations: each owns its `DecodeState`."""
+
+    def __init__(self, bundle: Bundle, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None):
+        self.bundle = bundle
+        self.manifest = m = bundle.manifest
+        self.sessions = {name: make_session(bundle.graph_path(name), providers, threads) for name in m.graphs}
+        self._inputs = {name: [i.name for i in s.get_inputs()] for name, s in self.sessions.items()}
+        self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
+        tok = bundle.tokenizer_path
+        self.tokenizer = TextTokenizer(tok) if tok is not None else None
+        self.num_layers = m.num_layers
+        self.session_calls: dict[str, int] = {name: 0 for name in m.graphs}
+
+    # ------------------------------------------------------------------ graphs
+
+    def _run(self, graph: str, **feeds: np.ndarray) -> list[np.ndarray]:
+        self.session_calls[graph] += 1
+        return self.sessions[graph].run(self._outputs[graph], {n: feeds[n] for n in self._inputs[graph]})
+
+    def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        (hidden,) = self._run("embed", input_ids=input_ids, position_ids=position_ids)
+        return hidden
+
+    def block(self, layer: int, hidden: np.ndarray, position_ids: np.ndarray, state: DecodeState) -> np.ndarray:
+        """Run one decoder block and append this step's keys and values to the state."""
+        hidden, state.keys[layer], state.values[layer] = self._run(
+            self.manifest.block_name(layer), hidden_states=hidden, position_ids=position_ids,
+            attention_mask=state.attention_mask, past_key=state.keys[layer], past_value=state.values[layer])
+        return hidden
+
+    def final_logits(self, hidden_last: np.ndarray) -> np.ndarray:
+        (logits,) = self._run("final_head", hidden_states=np.ascontiguousarray(hidden_last, dtype=np.float32))
+        return logits
+
+    def exit_features(self, hidden_last: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(top-1 id, top-1 prob, gap) of the distribution the LM head gives this hidden state."""
+        top1, prob, gap = self._run("exit_head", hidden_states=np.ascontiguousarray(hidden_last, dtype=np.float32))
+        return top1, prob, gap
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray) -> np.ndarray:
+        """Feed `input_ids` (batch, seq) through every block; returns the last position's logits."""
+        batch, seq = input_ids.shape
+        state.attention_mask = np.concatenate([state.attention_mask, step_mask], axis=1)
+        position_ids = state.next_position[:, None] + np.cumsum(step_mask, axis=1) - 1
+        position_ids = np.maximum(position_ids, 0).astype(np.int64)
+        state.next_position = state.next_position + step_mask.sum(axis=1)
+
+        hidden = self.embed(input_ids, position_ids)
+        for layer in range(self.num_layers):
+            hidden = self.block(layer, hidden, position_ids, state)
+        return self.final_logits(hidden[:, -1, :])
+
+    def new_state(self, batch: int) -> DecodeState:
+        m = self.manifest
+        empty = np.zeros((batch, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
+        return DecodeState(keys=[empty] * m.num_layers, values=[empty] * m.num_layers,
+                           attention_mask=np.zeros((batch, 0), dtype=np.int64),
+                           next_position=np.zeros(batch, dtype=np.int64))
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> tuple[DecodeState, np.ndarray]:
+        """Prefill a batch of token-id prompts (left-padded); returns the state and last logits."""
+        prompts = [self.check_ids(p) for p in prompts]
+        if not prompts:
+            raise InputError("no prompts given")
+        width = max(len(p) for p in prompts)
+        input_ids = np.zeros((len(prompts), width), dtype=np.int64)
+        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids):] = ids
+            mask[row, width - len(ids):] = 1
+        state = self.new_state(len(prompts))
+        return state, self.forward(input_ids, state, mask)
+
+    def step(self, state: DecodeState, next_ids: Sequence[int]) -> np.ndarray:
+        """One decode step: one new token per row; returns the last logits."""
+        ids = np.asarray(next_ids, dtype=np.int64).reshape(-1, 1)
+        if ids.shape[0] != state.attention_mask.shape[0]:
+            raise InputError(f"step got {ids.shape[0]} tokens for a batch of {state.attention_mask.shape[0]}")
+        self._check_range(ids.ravel().tolist())
+        if state.length + 1 > self.manifest.max_positions:
+            raise InputError(f"context would exceed the model's {self.manifest.max_positions} positions")
+        return self.forward(ids, state, np.ones_like(ids))
+
+    def last_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Last-position logits (batch, vocab) of a batch of token-id prompts."""
+        return self.start(prompts)[1]
+
+    # ------------------------------------------------------------------ text
+
+    def check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise InputError("empty prompt")
+        if len(ids) > self.manifest.max_positions:
+            raise InputError(f"prompt has {len(ids)} tokens, more than the model's {self.manifest.max_positions} positions")
+        self._check_range(ids)
+        return ids
+
+    def _check_range(self, ids: list[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.manifest.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.manifest.vocab_size - 1})")
+
+    def encode(self, prompt: Union[str, Sequence[int]]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InputError("empty prompt")
+            if self.tokenizer is None:
+                raise BundleError("this bundle has no tokenizer.json; pass token ids instead of text")
+            return self.check_ids(self.tokenizer.encode(prompt))
+        return self.check_ids(prompt)
+
+    def stream(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, seed: Optional[int] = None, stop_at_eos: bool = True) -> Iterator[StreamEvent]:
+        """Yield generated tokens one by one with their text increments."""
+        ids = self.encode(prompt)
+        self._check_budget(len(ids), max_new_tokens, temperature, top_p)
+        rng = np.random.default_rng(seed)
+        decoder = StreamDecoder(self.tokenizer, ids) if self.tokenizer is not None else None
+        if decoder is not None:
+            decoder.start()
+        if max_new_tokens == 0:
+            return
+        state, logits = self.start([ids])
+        for index in range(max_new_tokens):
+            token = choose_token(logits[0], temperature, top_p, rng)
+            yield StreamEvent(token=token, text=decoder.push(token) if decoder else "", layers=self.num_layers)
+            if (stop_at_eos and token in self.manifest.eos_token_ids) or index == max_new_tokens - 1:
+                return
+            logits = self.step(state, [token])
+
+    def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: Optional[int] = None, stop_at_eos: bool = True) -> Generation:
+        """Generate a continuation; greedy by default (temperature 0)."""
+        started = time.perf_counter()
+        ids = self.encode(prompt)
+        events = list(self.stream(ids, max_new_tokens, temperature, top_p, seed, stop_at_eos))
+        tokens = [e.token for e in events]
+        hit_eos = bool(tokens) and stop_at_eos and tokens[-1] in self.manifest.eos_token_ids
+        text = self.tokenizer.decode(ids + tokens) if self.tokenizer is not None else ""
+        return Generation(text=text, tokens=tokens, prompt_tokens=len(ids), new_tokens=len(tokens),
+                          layers_per_token=[e.layers for e in events], seconds=time.perf_counter() - started,
+                          stop_reason="eos" if hit_eos else "max_new_tokens")
+
+    def _check_budget(self, prompt_len: int, max_new_tokens: int, temperature: float, top_p: float) -> None:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if prompt_len + max_new_tokens > self.manifest.max_positions:
+            raise InputError(f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                             f"{self.manifest.max_positions} positions")
+        if temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
+         check_digests: bool = True) -> Model:
+    """Load a bundle for inference with ONNX Runtime (CPU by default)."""
+    return Model(open_bundle(bundle_dir, check_digests=check_digests), providers=providers, threads=threads)
