@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
-        from .export import export  # torch loads here, after argument errors are reported
+        from .writer import export  # torch loads here, after argument errors are reported
 
         model_dir = args.model_dir or DEFAULT_MODEL_DIR
         out = args.output or Path("bundles") / model_dir.name

@@ -97,4 +97,6 @@ def graph_defs(adapter: FamilyAdapter, seed: int = 0) -> list[GraphDef]:
                          {"hidden_states": rows, "top1_id": rows, "top1_prob": rows, "gap": rows}))
     defs.append(GraphDef("final_head", head, example_head_inputs(geometry, seed=seed), ["logits"],
                          {"hidden_states": rows, "logits": rows}))
+    for gdef in defs:  # wrappers start in training mode, and torch.onnx.export restores that mode recursively
+        gdef.module.eval()
     return defs

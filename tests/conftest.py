@@ -1,0 +1,87 @@
+"""Shared fixtures: the stories260K bundle and tiny random-weight models of every family."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES_DIR = ROOT / "adainfer" / "default_model" / "stories260K"
+README_TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+               "One day, she saw a big, red ball. She wanted to play with it, but it was too high.\nLily")
+
+
+def tiny_config(family: str):
+    """Random-weight configs (>= 3 layers, GQA for the Llama layout) that build in milliseconds."""
+    import transformers as tf
+
+    common = dict(vocab_size=512, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
+                              num_key_value_heads=2, **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, **common)
+    if family == "mistral":
+        return tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                num_key_value_heads=1, sliding_window=6, **common)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=512, n_positions=128, bos_token_id=1, eos_token_id=2)
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                            word_embed_proj_dim=64, **common)
+    if family == "opt-postnorm":  # OPT-350m layout: norms after sub-layers, projected embeddings
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                            word_embed_proj_dim=32, do_layer_norm_before=False, **common)
+    raise KeyError(family)
+
+
+def tiny_model(family: str, seed: int = 0):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    config._attn_implementation = "eager"
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # larger weights than the default init, so differences would show
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def stories_bundle(tmp_path_factory) -> Path:
+    from adainfer.exporter import export
+
+    out = tmp_path_factory.mktemp("bundles") / "stories260K"
+    export(STORIES_DIR, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stories_hf():
+    from adainfer.exporter import load_model
+
+    return load_model(STORIES_DIR)
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(STORIES_DIR / "tokenizer.json"))
+
+
+def run_cli(*args, cwd=None, env=None, timeout=300):
+    """Run a console entry point in a subprocess; returns (returncode, stdout, stderr)."""
+    import subprocess
+
+    module = {"adainfer": "adainfer.cli", "adainfer-export": "adainfer.exporter.cli"}[args[0]]
+    proc = subprocess.run([sys.executable, "-m", module, *args[1:]], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
