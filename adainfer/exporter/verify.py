@@ -18,7 +18,8 @@ from .graphs import GraphDef, example_block_inputs, example_head_inputs
 TOLERANCE = 1e-4
 
 
-def _close(name: str, what: str, got: np.ndarray, want: np.ndarray, tol: float = TOLERANCE) -> None:
+def _close(name: str, what: str, got: np.ndarray, want: np.ndarray) -> None:
+    tol = TOLERANCE
     if got.shape != want.shape:
         raise ExportError(f"verification failed: {name} {what} has shape {got.shape}, PyTorch gives {want.shape}")
     if got.dtype.kind in "iu":

@@ -53,6 +53,8 @@ def load_model(model_dir: Path):
     adapter_class_for(config["model_type"])  # refuse unsupported families before loading weights
     if not any(model_dir.glob("*.safetensors")):
         raise ExportError(f"{model_dir}: no .safetensors weights (pickled checkpoints are not loaded)")
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
