@@ -1,69 +1,26 @@
-"""`adainfer`: run a bundle (and, with later subcommands, calibrate, evaluate, benchmark)."""
+"""`adainfer`: run, calibrate, evaluate and benchmark bundles (see `adainfer COMMAND --help`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
 from .cli_common import run_main
-
-DEFAULT_BUNDLE = Path("bundles") / "stories260K"
-
-
-def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="generate text from a prompt")
-    p.add_argument("args", nargs="+", metavar="[BUNDLE] PROMPT",
-                   help=f"bundle directory (default: {DEFAULT_BUNDLE}) and the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-stop-at-eos", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+from .commands import COMMANDS
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adainfer", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    _add_run(sub)
+    for command in COMMANDS:
+        command.register(sub)
     return p
-
-
-def _run(args) -> int:
-    from .errors import InputError
-    from .runtime import load
-
-    if len(args.args) > 2:
-        raise InputError("expected [BUNDLE] PROMPT (quote a prompt that has spaces)")
-    bundle, prompt = (Path(args.args[0]), args.args[1]) if len(args.args) == 2 else (DEFAULT_BUNDLE, args.args[0])
-    model = load(bundle, threads=args.threads)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, stop_at_eos=not args.no_stop_at_eos)
-    if args.json:
-        print(json.dumps(model.generate(prompt, **options).to_json()))
-        return 0
-    model.encode(prompt)  # report prompt errors before printing anything
-    started = time.perf_counter()
-    out = sys.stdout
-    out.write(model.tokenizer.decode(model.encode(prompt)) if model.tokenizer else "")
-    count = 0
-    for event in model.stream(prompt, **options):
-        out.write(event.text)
-        out.flush()
-        count += 1
-    out.write("\n")
-    print(f"[{count} tokens in {time.perf_counter() - started:.2f} s]", file=sys.stderr)
-    return 0
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    handlers = {"run": _run}
-    return run_main("adainfer", lambda: handlers[args.command](args))
+    handler = {c.NAME: c.main for c in COMMANDS}[args.command]
+    return run_main("adainfer", lambda: handler(args))
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ class Model:
                top_p: float = 1.0, seed: Optional[int] = None, stop_at_eos: bool = True) -> Iterator[StreamEvent]:
         """Yield generated tokens one by one with their text increments."""
         ids = self.encode(prompt)
-        self._check_budget(len(ids), max_new_tokens, temperature, top_p)
+        self.check_request(len(ids), max_new_tokens, temperature, top_p)
         rng = np.random.default_rng(seed)
         decoder = StreamDecoder(self.tokenizer, ids) if self.tokenizer is not None else None
         if decoder is not None:
@@ -205,7 +205,8 @@ class Model:
                           layers_per_token=[e.layers for e in events], seconds=time.perf_counter() - started,
                           stop_reason="eos" if hit_eos else "max_new_tokens")
 
-    def _check_budget(self, prompt_len: int, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    def check_request(self, prompt_len: int, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> None:
+        """Refuse generation options the model cannot honour, before any work is done."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         if prompt_len + max_new_tokens > self.manifest.max_positions:

@@ -1,0 +1,10 @@
+"""Subcommands of `adainfer`: one module each, with `register(subparsers)` and `main(args)`.
+
+Modules import heavy dependencies inside `main`, so `adainfer --help` stays fast and
+`adainfer run` never imports torch.
+"""
+
+from . import run
+
+#: the subcommands in help order; add a module here to add a subcommand
+COMMANDS = [run]
