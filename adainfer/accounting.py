@@ -1,0 +1,66 @@
+"""Multiply-accumulates per token, with the exit decision's own cost counted.
+
+Full depth costs every block plus the final head. An early exit at layer k costs k blocks,
+every decision taken on the way (exit head or its low-rank stand-in, hidden-state features,
+the classifier), plus the head that produces the token unless the full exit head already did.
+Pure Python: shared by the runtime, calibration and evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .manifest import Manifest
+
+#: a cosine similarity and a norm ratio of two hidden vectors: ~4 multiply-accumulates per element
+HIDDEN_FEATURE_MACS_PER_ELEMENT = 4
+
+
+@dataclass(frozen=True)
+class TokenCost:
+    blocks: int
+    decisions: int
+    head: int
+
+    @property
+    def total(self) -> int:
+        return self.blocks + self.decisions + self.head
+
+    @property
+    def excluding_decision(self) -> int:
+        return self.blocks + self.head
+
+
+def blocks_macs(manifest: Manifest, layers: int, context: int) -> int:
+    return sum(manifest.macs.blocks[i].at(context) for i in range(layers))
+
+
+def full_depth_macs(manifest: Manifest, context: int) -> int:
+    return blocks_macs(manifest, manifest.num_layers, context) + manifest.macs.final_head
+
+
+def decision_macs(manifest: Manifest, policy) -> int:
+    """Cost of one decision under `policy` (an ExitPolicy)."""
+    if policy.decision in ("never", "forced"):
+        return 0
+    cost = 0
+    head_needed = any(f in ("gap", "top_prob") for f in policy.features)
+    if head_needed and policy.head == "full":
+        cost += manifest.macs.exit_head
+    elif head_needed and policy.head == "lowrank":
+        rank = int(policy.extras["rank"])
+        cost += rank * (manifest.hidden_size + manifest.vocab_size)
+    if any(f in ("cos_prev", "norm_ratio") for f in policy.features):
+        cost += HIDDEN_FEATURE_MACS_PER_ELEMENT * manifest.hidden_size
+    cost += int(policy.extras.get("classifier_macs", len(policy.features)))
+    return cost
+
+
+def token_cost(manifest: Manifest, policy, exit_layer: int, context: int) -> TokenCost:
+    """MACs for one token that left the chain after block `exit_layer` (1-based)."""
+    evaluations = [l for l in policy.evaluated_layers(manifest.num_layers) if l <= exit_layer]
+    decisions = len(evaluations) * decision_macs(manifest, policy)
+    exited_on_full_head = (exit_layer < manifest.num_layers and policy.head == "full"
+                           and exit_layer in evaluations and decision_macs(manifest, policy) >= manifest.macs.exit_head)
+    head = 0 if exited_on_full_head else manifest.macs.final_head
+    return TokenCost(blocks=blocks_macs(manifest, exit_layer, context), decisions=decisions, head=head)

@@ -1,0 +1,93 @@
+"""ONNX-to-ONNX surgery on the exit head: a low-rank LM head, and a linear classifier folded in.
+
+Both keep the exit head's interface (hidden_states -> top1_id, top1_prob, gap) so the runtime
+treats them alike; the folded one adds `extra_features` (rows, k) and a `score` output made
+of plain MatMul/Add ops, which TensorRT can run (it cannot run ONNX-ML classifier ops).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import AdainferError
+
+
+def _lm_head_matmul(model: onnx.ModelProto, vocab_size: int):
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits and inits[node.input[1]].dims[-1] == vocab_size:
+            return node, inits[node.input[1]]
+    raise AdainferError("exit head: no MatMul with a vocabulary-sized weight (cannot build a low-rank head)")
+
+
+def lowrank_head(exit_head: Path, out: Path, vocab_size: int, rank: int) -> dict:
+    """Replace the LM head W (hidden x vocab) by its rank-`rank` truncated SVD A @ B."""
+    model = onnx.load(str(exit_head))
+    node, init = _lm_head_matmul(model, vocab_size)
+    weight = numpy_helper.to_array(init).astype(np.float64)
+    u, s, vt = np.linalg.svd(weight, full_matrices=False)
+    a = (u[:, :rank] * s[:rank]).astype(np.float32)
+    b = vt[:rank].astype(np.float32)
+    energy = float((s[:rank] ** 2).sum() / (s ** 2).sum())
+    model.graph.initializer.extend([numpy_helper.from_array(a, "lowrank_a"), numpy_helper.from_array(b, "lowrank_b")])
+    mid = "lowrank_mid"
+    index = list(model.graph.node).index(node)
+    first = helper.make_node("MatMul", [node.input[0], "lowrank_a"], [mid], name="lowrank_matmul_a")
+    second = helper.make_node("MatMul", [mid, "lowrank_b"], list(node.output), name="lowrank_matmul_b")
+    model.graph.node.remove(node)
+    model.graph.node.insert(index, second)
+    model.graph.node.insert(index, first)
+    model.graph.initializer.remove(init)
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(out))
+    return {"rank": rank, "energy": energy}
+
+
+def _unsqueeze(name: str, out: str, axes_name: str):
+    return helper.make_node("Unsqueeze", [name, axes_name], [out])
+
+
+def fold_linear(head: Path | None, out: Path, head_weights: np.ndarray, extra_weights: np.ndarray, bias: float,
+                opset: int = 17) -> None:
+    """score = [gap, top_prob] @ head_weights + extra_features @ extra_weights + bias.
+
+    `head` is the exit head graph to extend; None builds a features-only decider
+    (hidden-state features, no head)."""
+    if head is not None:
+        model = onnx.load(str(head))
+        graph = model.graph
+    else:
+        graph = helper.make_graph([], "decider", [], [])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+        graph = model.graph
+    nodes, inits = [], []
+    terms = []
+    if head is not None and head_weights.size:
+        inits += [numpy_helper.from_array(np.array([1], np.int64), "fold_axis1"),
+                  numpy_helper.from_array(head_weights.reshape(-1, 1).astype(np.float32), "fold_w_head")]
+        nodes += [_unsqueeze("gap", "fold_gap", "fold_axis1"), _unsqueeze("top1_prob", "fold_prob", "fold_axis1"),
+                  helper.make_node("Concat", ["fold_gap", "fold_prob"], ["fold_head_x"], axis=1),
+                  helper.make_node("MatMul", ["fold_head_x", "fold_w_head"], ["fold_head_s"])]
+        terms.append("fold_head_s")
+    if extra_weights.size:
+        graph.input.append(helper.make_tensor_value_info("extra_features", TensorProto.FLOAT, ["rows", extra_weights.size]))
+        inits.append(numpy_helper.from_array(extra_weights.reshape(-1, 1).astype(np.float32), "fold_w_extra"))
+        nodes.append(helper.make_node("MatMul", ["extra_features", "fold_w_extra"], ["fold_extra_s"]))
+        terms.append("fold_extra_s")
+    inits += [numpy_helper.from_array(np.array([bias], np.float32), "fold_bias"),
+              numpy_helper.from_array(np.array([1], np.int64), "fold_squeeze_axis")]
+    total = terms[0]
+    for i, term in enumerate(terms[1:]):
+        nodes.append(helper.make_node("Add", [total, term], [f"fold_sum{i}"]))
+        total = f"fold_sum{i}"
+    nodes += [helper.make_node("Add", [total, "fold_bias"], ["fold_biased"]),
+              helper.make_node("Squeeze", ["fold_biased", "fold_squeeze_axis"], ["score"])]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    graph.output.append(helper.make_tensor_value_info("score", TensorProto.FLOAT, ["rows"]))
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(out))

@@ -1,0 +1,107 @@
+"""What an exit policy does on recorded features: where each position exits, agreement, compute.
+
+Decisions are deterministic functions of the recorded features, so this equals running the
+policy in the runtime (a test checks that), at a fraction of the time, for every threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..accounting import decision_macs
+from ..manifest import Manifest
+from ..runtime.exit_policy import ExitPolicy
+from .features import FeatureTable
+
+
+@dataclass
+class Outcome:
+    threshold: float
+    agreement: float
+    accuracy: float | None
+    flops_saved: float
+    flops_saved_excluding_decision: float
+    mean_exit_layer: float
+    exit_histogram: list[int]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def exit_layers(scores: np.ndarray, threshold: float, evaluated: np.ndarray) -> np.ndarray:
+    """First evaluated layer (1-based) whose score reaches the threshold, else the last layer."""
+    fired = (scores >= threshold) & evaluated[None, :]
+    fired[:, -1] = True
+    return fired.argmax(axis=1) + 1
+
+
+class CostModel:
+    """Vectorised `accounting.token_cost` over positions."""
+
+    def __init__(self, manifest: Manifest, policy: ExitPolicy):
+        L = manifest.num_layers
+        const = np.array([b.constant for b in manifest.macs.blocks], dtype=np.float64)
+        per_ctx = np.array([b.per_context_token for b in manifest.macs.blocks], dtype=np.float64)
+        self.const_cum = np.concatenate([[0.0], np.cumsum(const)])
+        self.ctx_cum = np.concatenate([[0.0], np.cumsum(per_ctx)])
+        self.evaluated = np.array([policy.evaluates(l, L) for l in range(1, L + 1)])
+        self.evals_cum = np.concatenate([[0], np.cumsum(self.evaluated)])
+        self.decision = decision_macs(manifest, policy)
+        self.full_head_decides = policy.head == "full" and self.decision >= manifest.macs.exit_head
+        self.final_head = manifest.macs.final_head
+        self.L = L
+
+    def costs(self, exit_layer: np.ndarray, context: np.ndarray):
+        blocks = self.const_cum[exit_layer] + self.ctx_cum[exit_layer] * context
+        decisions = self.evals_cum[exit_layer] * self.decision
+        early = (exit_layer < self.L) & self.evaluated[exit_layer - 1]
+        head = np.where(early & self.full_head_decides, 0.0, self.final_head)
+        full = self.const_cum[-1] + self.ctx_cum[-1] * context + self.final_head
+        return blocks, decisions, head, full
+
+
+def outcome(table: FeatureTable, manifest: Manifest, policy: ExitPolicy, scores: np.ndarray, threshold: float,
+            cost: CostModel | None = None) -> Outcome:
+    cost = cost or CostModel(manifest, policy)
+    exits = exit_layers(scores, threshold, cost.evaluated)
+    rows = np.arange(len(exits))
+    pred = table.pred[rows, exits - 1]
+    blocks, decisions, head, full = cost.costs(exits, table.context)
+    accuracy = float(np.mean(pred == table.gold)) if table.task != "text" or (table.gold >= 0).all() else None
+    return Outcome(
+        threshold=float(threshold),
+        agreement=float(np.mean(pred == table.final)),
+        accuracy=accuracy,
+        flops_saved=float(1.0 - (blocks + decisions + head).sum() / full.sum()),
+        flops_saved_excluding_decision=float(1.0 - (blocks + head).sum() / full.sum()),
+        mean_exit_layer=float(exits.mean()),
+        exit_histogram=np.bincount(exits, minlength=table.num_layers + 1)[1:].tolist(),
+    )
+
+
+def candidate_thresholds(scores: np.ndarray, evaluated: np.ndarray, count: int = 200) -> np.ndarray:
+    """Midpoints between well-separated score values (so float32 ONNX decisions equal float64 ones)."""
+    values = np.unique(scores[:, evaluated].ravel())
+    values = values[np.isfinite(values)]
+    if values.size < 2:
+        return np.array([np.inf])
+    mids = (values[1:] + values[:-1]) / 2
+    gaps = values[1:] - values[:-1]
+    keep = gaps > 1e-4 * (1.0 + np.abs(mids))
+    mids = mids[keep]
+    if mids.size > count:
+        mids = mids[np.unique(np.linspace(0, mids.size - 1, count).astype(int))]
+    return np.concatenate([mids, [np.inf]])
+
+
+def sweep(table: FeatureTable, manifest: Manifest, policy: ExitPolicy, scores: np.ndarray) -> list[Outcome]:
+    cost = CostModel(manifest, policy)
+    return [outcome(table, manifest, policy, scores, t, cost) for t in candidate_thresholds(scores, cost.evaluated)]
+
+
+def pick(outcomes: list[Outcome], target_agreement: float) -> Outcome:
+    """The threshold that saves the most compute while agreeing with the full model at least `target`."""
+    ok = [o for o in outcomes if o.agreement >= target_agreement]
+    return max(ok, key=lambda o: (o.flops_saved, o.threshold)) if ok else outcomes[-1]

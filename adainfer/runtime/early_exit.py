@@ -1,0 +1,159 @@
+"""Early exit in the ONNX Runtime chain: decide after a block whether to stop (AdaInfer).
+
+`ExitDecider` computes the policy's features for the last position, scores them and
+compares with the threshold. `predict` runs a single forward (classification, next-token
+prediction) that stops where the decider says; `trace` runs every block and returns every
+layer's hidden states, for calibration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..accounting import TokenCost, token_cost
+from ..errors import BundleError
+from .exit_policy import HEAD_FEATURES, POLICY_FILE, ExitPolicy, feature_matrix, hidden_features
+from .sessions import make_session
+
+
+@dataclass
+class Decision:
+    stop: bool
+    token: Optional[np.ndarray]
+    score: float
+
+
+class ExitDecider:
+    """Executes an `ExitPolicy` for a batch-of-one forward."""
+
+    def __init__(self, model, policy: ExitPolicy, root: Optional[Path] = None):
+        policy.validate()
+        self.model, self.policy = model, policy
+        self.num_layers = model.num_layers
+        root = Path(root) if root is not None else model.bundle.root
+        self.head_session = None
+        self.head_graph = None
+        if policy.decision == "folded" or policy.head == "lowrank":
+            if not policy.head_file:
+                raise BundleError(f"exit policy {policy.name!r} needs head_file")
+            self.head_session = make_session(root / policy.head_file)
+        elif policy.head == "full" and any(f in HEAD_FEATURES for f in policy.features):
+            self.head_graph = "exit_head"
+        self.classifier = make_session(root / policy.classifier_file) if policy.decision == "classifier" else None
+        self.extra = [f for f in policy.features if f not in HEAD_FEATURES]
+        self.scores: list[float] = []
+
+    def evaluates(self, layer: int) -> bool:
+        return self.policy.evaluates(layer, self.num_layers)
+
+    def _head(self, hidden_last: np.ndarray, columns: dict) -> dict:
+        hidden_last = np.ascontiguousarray(hidden_last, dtype=np.float32)
+        if self.head_graph is not None:
+            top1, prob, gap = self.model.exit_features(hidden_last)
+            return {"top1_id": top1, "top_prob": prob, "gap": gap}
+        if self.head_session is None:
+            return {}
+        names = [i.name for i in self.head_session.get_inputs()]
+        feeds = {}
+        if "hidden_states" in names:
+            feeds["hidden_states"] = hidden_last
+        if "extra_features" in names:
+            feeds["extra_features"] = feature_matrix(self.extra, columns)
+        outputs = [o.name for o in self.head_session.get_outputs()]
+        values = dict(zip(outputs, self.head_session.run(outputs, feeds)))
+        if "top1_prob" in values:
+            values["top_prob"] = values.pop("top1_prob")
+        return values
+
+    def features(self, layer: int, hidden_last: np.ndarray, previous: np.ndarray) -> dict:
+        rows = hidden_last.shape[0]
+        columns = {"layer_frac": np.full(rows, layer / self.num_layers, dtype=np.float32)}
+        if any(f in ("cos_prev", "norm_ratio") for f in self.policy.features):
+            columns["cos_prev"], columns["norm_ratio"] = hidden_features(hidden_last, previous)
+        columns.update(self._head(hidden_last, columns))
+        return columns
+
+    def score(self, columns: dict) -> np.ndarray:
+        p = self.policy
+        if p.decision == "forced":
+            return np.full(len(columns["layer_frac"]), np.inf)
+        if p.decision == "rule":
+            return np.asarray(columns[p.features[0]], dtype=np.float64)
+        if p.decision == "folded":
+            return np.asarray(columns["score"], dtype=np.float64).reshape(-1)
+        x = feature_matrix(p.features, columns)
+        name = self.classifier.get_inputs()[0].name
+        out = self.classifier.run(None, {name: x})[p.score_output]
+        out = np.asarray(out, dtype=np.float64)
+        return p.score_sign * (out[:, p.score_column] if out.ndim == 2 else out)
+
+    def decide(self, layer: int, hidden_last: np.ndarray, previous: np.ndarray) -> Decision:
+        columns = self.features(layer, hidden_last, previous)
+        score = self.score(columns)
+        self.scores.append(float(score[0]))
+        token = columns.get("top1_id") if self.policy.head == "full" else None
+        return Decision(stop=bool(score[0] >= self.policy.threshold), token=token, score=float(score[0]))
+
+
+@dataclass
+class Prediction:
+    """A single forward with early exit."""
+
+    token: int
+    exit_layer: int
+    decisions: int
+    logits: Optional[np.ndarray]
+    cost: TokenCost
+
+
+def predict(model, ids: Sequence[int], decider: Optional[ExitDecider] = None, want_logits: bool = False) -> Prediction:
+    """Next-token prediction at the last position of `ids`, stopping early where `decider` says."""
+    ids = model.check_ids(ids)
+    state = model.new_state(1)
+    input_ids = np.asarray([ids], dtype=np.int64)
+    run = model.run_layers(input_ids, state, np.ones_like(input_ids), decider)
+    logits = None
+    if run.token is not None and not want_logits:
+        token = int(run.token[0])
+    else:
+        logits = model.final_logits(run.hidden[:, -1, :])[0]
+        token = int(np.argmax(logits))
+    policy = decider.policy if decider is not None else ExitPolicy.never()
+    cost = token_cost(model.manifest, policy, run.exit_layer, len(ids))
+    return Prediction(token=token, exit_layer=run.exit_layer, decisions=run.decisions, logits=logits, cost=cost)
+
+
+def trace(model, ids: Sequence[int]) -> list[np.ndarray]:
+    """Hidden states after the embedding and after every block: L + 1 arrays of (seq, hidden)."""
+    ids = model.check_ids(ids)
+    state = model.new_state(1)
+    input_ids = np.asarray([ids], dtype=np.int64)
+    mask = np.ones_like(input_ids)
+    state.attention_mask = mask
+    position_ids = (np.cumsum(mask, axis=1) - 1).astype(np.int64)
+    hidden = model.embed(input_ids, position_ids)
+    layers = [hidden[0]]
+    for layer in range(model.num_layers):
+        hidden = model.block(layer, hidden, position_ids, state)
+        layers.append(hidden[0])
+    return layers
+
+
+def load_policy(model) -> Optional[ExitPolicy]:
+    """The bundle's calibrated policy, if `adainfer calib` wrote one."""
+    spec = model.manifest.files.get("exit_policy")
+    if spec is None:
+        return None
+    return ExitPolicy.load(model.bundle.root / spec.file)
+
+
+def bundle_decider(model) -> Optional[ExitDecider]:
+    policy = load_policy(model)
+    return ExitDecider(model, policy) if policy is not None else None
+
+
+__all__ = ["Decision", "ExitDecider", "POLICY_FILE", "Prediction", "bundle_decider", "load_policy", "predict", "trace"]
