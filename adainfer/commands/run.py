@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-stop-at-eos", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "ort-cuda", "ort-trt"), default="onnxruntime",
+                   help="runtime: ONNX Runtime on CPU (default), TensorRT engines, or ONNX Runtime CUDA / TensorRT providers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -31,7 +33,7 @@ def main(args) -> int:
     if len(args.args) > 2:
         raise InputError("expected [BUNDLE] PROMPT (quote a prompt that has spaces)")
     bundle, prompt = (Path(args.args[0]), args.args[1]) if len(args.args) == 2 else (DEFAULT_BUNDLE, args.args[0])
-    model = load(bundle, threads=args.threads)
+    model = load(bundle, threads=args.threads) if args.backend == "onnxruntime" else load(bundle, backend=args.backend)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop_at_eos=not args.no_stop_at_eos)
     if args.json:

@@ -6,6 +6,7 @@
 """
 
 from .bundle import Bundle, open_bundle
-from .model import DecodeState, Generation, Model, StreamEvent, load
+from .backends import BACKENDS, load
+from .model import DecodeState, Generation, Model, StreamEvent
 
-__all__ = ["Bundle", "DecodeState", "Generation", "Model", "StreamEvent", "load", "open_bundle"]
+__all__ = ["BACKENDS", "Bundle", "DecodeState", "Generation", "Model", "StreamEvent", "load", "open_bundle"]

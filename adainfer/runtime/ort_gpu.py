@@ -1,0 +1,132 @@
+"""ONNX Runtime on the GPU: the CUDA or TensorRT execution provider, with I/O binding so hidden
+states and the KV cache stay on the device between blocks and steps.
+
+ONNX Runtime Python API (onnxruntime.ai/docs/api/python, "Data on device"): a session's
+`io_binding()`; `bind_ortvalue_input` for tensors already on the GPU (OrtValues from
+`OrtValue.ortvalue_from_numpy(array, "cuda", device_id)` or a previous run's outputs);
+`bind_output(name, "cuda", device_id)` lets ONNX Runtime allocate the output on the device;
+`bind_input(..., buffer_ptr=...)` binds raw device memory (a one-token step's hidden states are
+already (batch, hidden) rows); `run_with_iobinding`; `get_outputs()`. Only token ids, positions,
+the mask and the final logits cross to or from the host.
+
+The TensorRT provider gets one profile per graph (the union of adainfer's prefill and decode
+profiles, `trt_profile_min/opt/max_shapes`), fp16 on request, and caches its engines and timing
+cache under `engines/ort-trt/` in the bundle. onnxruntime-gpu must be installed (on Jetson from
+the Jetson channels, not PyPI: docs/jetson.md).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..engines.errors import GpuUnavailableError
+from ..engines.profiles import BuildOptions, graph_profiles, shape_text, union_profile
+from .bundle import Bundle, open_bundle
+from .model import DecodeState, Model
+from .sessions import make_session
+from .tokenizer import TextTokenizer
+
+PROVIDERS = {"ort-cuda": "CUDAExecutionProvider", "ort-trt": "TensorrtExecutionProvider"}
+
+
+def providers_for(bundle: Bundle, graph: str, backend: str, device_id: int = 0, fp16: bool = False) -> list:
+    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+    if backend == "ort-cuda":
+        return [cuda]
+    spec = bundle.manifest.graphs[graph]
+    profile = union_profile(graph_profiles(graph, spec, BuildOptions().resolved(bundle.manifest)))
+    texts = [",".join(f"{n}:{shape_text(s[i])}" for n, s in profile.shapes.items()) for i in range(3)]
+    cache = str(bundle.root / "engines" / "ort-trt")
+    trt = {"device_id": device_id, "trt_fp16_enable": fp16, "trt_engine_cache_enable": True,
+           "trt_engine_cache_path": cache, "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
+           "trt_profile_min_shapes": texts[0], "trt_profile_opt_shapes": texts[1], "trt_profile_max_shapes": texts[2]}
+    return [("TensorrtExecutionProvider", trt), cuda]
+
+
+class OrtGpuModel(Model):
+    """The ONNX Runtime chain with the KV cache as device OrtValues."""
+
+    def __init__(self, bundle: Bundle, backend: str = "ort-cuda", device_id: int = 0, fp16: bool = False,
+                 threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        wanted = PROVIDERS[backend]
+        if wanted not in ort.get_available_providers():
+            raise GpuUnavailableError(f"this onnxruntime has no {wanted} (install onnxruntime-gpu; on Jetson from the "
+                                      f"Jetson channels, see docs/jetson.md)")
+        self.backend, self.device_id = backend, device_id
+        self.bundle = bundle
+        self.manifest = m = bundle.manifest
+        if backend == "ort-trt":
+            (bundle.root / "engines" / "ort-trt").mkdir(parents=True, exist_ok=True)
+        self.sessions = {g: make_session(bundle.graph_path(g), providers_for(bundle, g, backend, device_id, fp16), threads)
+                         for g in m.graphs}
+        self._inputs = {g: [i.name for i in s.get_inputs()] for g, s in self.sessions.items()}
+        self._outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
+        tok = bundle.tokenizer_path
+        self.tokenizer = TextTokenizer(tok) if tok is not None else None
+        self.num_layers = m.num_layers
+        self.session_calls = {g: 0 for g in m.graphs}
+        self._ort = ort
+
+    def _device(self, array: np.ndarray):
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
+
+    def new_state(self, batch: int) -> DecodeState:
+        m = self.manifest
+        empty = np.zeros((batch, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
+        return DecodeState(keys=[self._device(empty) for _ in range(m.num_layers)],
+                           values=[self._device(empty) for _ in range(m.num_layers)],
+                           attention_mask=np.zeros((batch, 0), dtype=np.int64), next_position=np.zeros(batch, dtype=np.int64))
+
+    def forward(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray) -> np.ndarray:
+        m = self.manifest
+        batch, seq = input_ids.shape
+        state.attention_mask = np.concatenate([state.attention_mask, step_mask], axis=1)
+        position_ids = np.maximum(state.next_position[:, None] + np.cumsum(step_mask, axis=1) - 1, 0).astype(np.int64)
+        state.next_position = state.next_position + step_mask.sum(axis=1)
+        positions, mask = self._device(position_ids), self._device(state.attention_mask)
+
+        binding = self.sessions["embed"].io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        if "position_ids" in self._inputs["embed"]:
+            binding.bind_ortvalue_input("position_ids", positions)
+        binding.bind_output("hidden_states", "cuda", self.device_id)
+        (hidden,) = self._run("embed", binding)
+        for layer in range(m.num_layers):
+            name = m.block_name(layer)
+            binding = self.sessions[name].io_binding()
+            for key, value in (("hidden_states", hidden), ("position_ids", positions), ("attention_mask", mask),
+                               ("past_key", state.keys[layer]), ("past_value", state.values[layer])):
+                binding.bind_ortvalue_input(key, value)
+            for out in self._outputs[name]:
+                binding.bind_output(out, "cuda", self.device_id)
+            hidden, state.keys[layer], state.values[layer] = self._run(name, binding)
+
+        binding = self.sessions["final_head"].io_binding()
+        if seq == 1:  # (batch, 1, hidden) on the device is already (batch, hidden) rows
+            binding.bind_input("hidden_states", "cuda", self.device_id, np.float32, [batch, m.hidden_size], hidden.data_ptr())
+        else:  # prefill: the last position of each row, batch x hidden floats
+            binding.bind_cpu_input("hidden_states", np.ascontiguousarray(hidden.numpy()[:, -1, :]))
+        binding.bind_output("logits")
+        (logits,) = self._run("final_head", binding)
+        return logits.numpy()
+
+    def _run(self, graph: str, binding):
+        self.session_calls[graph] += 1
+        self.sessions[graph].run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def run_layers(self, *args, **kwargs):
+        from ..errors import InputError
+
+        raise InputError(f"exit policies run on the onnxruntime (CPU) backend for now, not on {self.backend}")
+
+    finish_layers = run_layers
+
+
+def load_ort_gpu(bundle_dir, backend: str = "ort-cuda", check_digests: bool = True, fp16: bool = False,
+                 threads: Optional[int] = None) -> OrtGpuModel:
+    return OrtGpuModel(open_bundle(bundle_dir, check_digests=check_digests), backend=backend, fp16=fp16, threads=threads)
