@@ -45,19 +45,24 @@ def make(kind: str) -> Pipeline:
 class Fitted:
     kind: str
     features: list[str]
-    pipeline: Optional[Pipeline]  # None for the fixed rule
+    pipeline: Optional[Pipeline]  # None for the fixed rule and for a constant
+    constant: Optional[float] = None  # when the calibration labels were all one class
 
     def score(self, x: np.ndarray) -> np.ndarray:
+        if self.constant is not None:
+            return np.full(len(x), self.constant)
         if self.pipeline is None:
             return x[:, 0].astype(np.float64)
         return self.pipeline.decision_function(x.astype(np.float32))
 
     @property
     def is_linear(self) -> bool:
-        return self.kind in ("svm-linear", "logreg")
+        return self.kind in ("svm-linear", "logreg", "constant")
 
     def linear_form(self) -> tuple[np.ndarray, float]:
         """(weights, bias) on raw features: the scaler folded into the linear model."""
+        if self.constant is not None:
+            return np.zeros(len(self.features)), self.constant
         scaler, clf = self.pipeline.named_steps["scale"], self.pipeline.named_steps["clf"]
         w = clf.coef_.reshape(-1) / scaler.scale_
         b = float(clf.intercept_.reshape(-1)[0] - np.sum(w * scaler.mean_))
@@ -75,7 +80,8 @@ class Fitted:
 
 def fit(kind: str, features: list[str], x: np.ndarray, y: np.ndarray, seed: int = 0) -> Fitted:
     if y.all() or not y.any():
-        raise AdainferError("calibration labels are all one class: the data cannot train an exit classifier")
+        # every layer already agrees (or none does): the best classifier is a constant
+        return Fitted("constant", features, None, constant=1.0 if y.all() else -1.0)
     limit = MAX_TRAIN_ROWS[kind]
     if len(y) > limit:
         rows = np.random.default_rng(seed).choice(len(y), size=limit, replace=False)
@@ -89,9 +95,17 @@ def to_onnx(fitted: Fitted, out: Path, check_x: np.ndarray) -> dict:
     and check it against scikit-learn on `check_x`. Returns the policy fields for the runtime."""
     from skl2onnx import to_onnx as skl_to_onnx
 
+    if fitted.constant is not None:  # no scikit-learn model: the same plain MatMul/Add graph as a folded head
+        from .head_graphs import fold_linear
+
+        fold_linear(None, Path(out), np.zeros(0), np.zeros(len(fitted.features)), fitted.constant)
+        return {"score_output": 0, "score_column": 0, "score_sign": 1.0, "max_score_error": 0.0}
     clf = fitted.pipeline.named_steps["clf"]
-    # decision scores, not probabilities: LinearSVC/LogisticRegression take raw_scores; SVC takes zipmap=False
-    options = {id(clf): {"raw_scores": True}} if fitted.is_linear else {id(clf): {"zipmap": False}}
+    # decision scores as tensors, not probabilities in a ZipMap: LinearSVC accepts raw_scores only,
+    # LogisticRegression raw_scores and zipmap, SVC zipmap (its second output is already the score)
+    options = {"svm-linear": {"raw_scores": True}, "logreg": {"raw_scores": True, "zipmap": False},
+               "svm-rbf": {"zipmap": False}}[fitted.kind]
+    options = {id(clf): options}
     onx = skl_to_onnx(fitted.pipeline, check_x[:1].astype(np.float32), options=options, target_opset={"": 17, "ai.onnx.ml": 3})
     Path(out).write_bytes(onx.SerializeToString())
     from ..runtime.sessions import make_session
@@ -101,7 +115,9 @@ def to_onnx(fitted: Fitted, out: Path, check_x: np.ndarray) -> dict:
     want = fitted.score(check_x)
     best = None
     for o_index, value in enumerate(outputs):
-        value = np.asarray(value, dtype=np.float64)
+        if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+            continue
+        value = value.astype(np.float64)
         if value.ndim == 1:
             value = value[:, None]
         if value.ndim != 2 or value.shape[0] != len(want):

@@ -35,7 +35,7 @@ class Task:
 
 TASKS = {
     "sst2": Task("sst2", "Review: {text}\nSentiment:", {"0": " negative", "1": " positive"}),
-    "agnews": Task("agnews", "Article: {text}\nTopic:", {"1": " world", "2": " sports", "3": " business", "4": " science"}),
+    "agnews": Task("agnews", "Article: {text}\nTopic:", {"1": " world", "2": " sports", "3": " business", "4": " tech"}),
 }
 
 
@@ -157,10 +157,14 @@ def load_dataset(path: Path, task: str, encode: Callable[[str], list[int]], *, s
     rows = read_rows(path, task)
     label_values = list(spec.label_words)
     label_ids = []
+    context = spec.template.format(text="x")
+    context_ids = encode(context)
     for value in label_values:
-        word_ids = encode(spec.label_words[value])
-        word_ids = [i for i in word_ids if i not in encode("")]  # drop BOS the tokenizer adds
-        label_ids.append(word_ids[0])
+        # the label's token is the first one the word adds after the prompt, as the model will see it
+        word_ids = encode(context + spec.label_words[value])
+        if word_ids[: len(context_ids)] != context_ids or len(word_ids) == len(context_ids):
+            raise InputError(f"task {task}: label word {spec.label_words[value]!r} does not tokenize after the prompt")
+        label_ids.append(word_ids[len(context_ids)])
     if len(set(label_ids)) != len(label_ids):
         raise InputError(f"task {task}: label words share their first token; pick other words")
     rng = random.Random(seed)

@@ -1,0 +1,59 @@
+"""`adainfer calib BUNDLE --data FILE`: train the early-exit classifier and write it into the bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+NAME = "calib"
+
+
+def add_data_options(p) -> None:
+    p.add_argument("--data", type=Path, default=None, help="data file (default: the bundled TinyStories sample)")
+    p.add_argument("--task", default="text", choices=["text", "sst2", "agnews"],
+                   help="text: next token at every position; sst2 (TSV) / agnews (CSV): label word at the end")
+    p.add_argument("--shots", type=int, default=0, help="demonstrations per prompt (classification)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use at most this many documents / rows")
+    p.add_argument("--max-positions-per-doc", type=int, default=None)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(NAME, help="calibrate the early-exit classifier", description=__doc__)
+    p.add_argument("bundle", type=Path)
+    add_data_options(p)
+    p.add_argument("--label", default="final", choices=["final", "gold"],
+                   help="positive when a layer's top-1 equals the full model's (final) or the gold answer (gold)")
+    p.add_argument("--target-agreement", type=float, default=0.99)
+    p.add_argument("--holdout", type=float, default=0.3, help="fraction of documents held out")
+    p.add_argument("--rank", type=int, default=None, help="rank of the low-rank exit head (default hidden/4)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def main(args) -> int:
+    from ..calib.calibrate import calibrate
+    from ..paths import DEFAULT_CALIB_DATA
+
+    report = calibrate(args.bundle, args.data or DEFAULT_CALIB_DATA, task=args.task, label=args.label,
+                       target=args.target_agreement, holdout=args.holdout, seed=args.seed, shots=args.shots,
+                       limit=args.limit, max_positions_per_doc=args.max_positions_per_doc, rank=args.rank)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "curves"}, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def format_report(report: dict) -> str:
+    lines = [f"calibrated on {report['positions']['train']} positions, held out {report['positions']['held_out']}",
+             "| way of deciding | classifier | agreement | compute saved | saved excl. decision | mean exit layer |",
+             "|---|---|---|---|---|---|"]
+    for v in report["variants"]:
+        lines.append(f"| {v['name']} | {v['classifier']} | {v['agreement']:.4f} | {100 * v['flops_saved']:+.1f}% | "
+                     f"{100 * v['flops_saved_excluding_decision']:+.1f}% | {v['mean_exit_layer']:.2f} |")
+    rule = report["paper_rule_gap_0.8"]
+    lines.append(f"| paper rule gap >= 0.8 | rule | {rule['agreement']:.4f} | {100 * rule['flops_saved']:+.1f}% | "
+                 f"{100 * rule['flops_saved_excluding_decision']:+.1f}% | {rule['mean_exit_layer']:.2f} |")
+    c = report["chosen"]
+    lines.append(f"chosen: {c['name']} ({c['classifier']}, decision {c.get('decision')}), threshold {c['threshold']:.4g}")
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+"""`adainfer eval BUNDLE --data FILE`: agreement, accuracy and compute saved by the bundle's early exit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .calib import add_data_options
+
+NAME = "eval"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(NAME, help="evaluate the calibrated early exit", description=__doc__)
+    p.add_argument("bundle", type=Path)
+    add_data_options(p)
+    p.add_argument("--timing-samples", type=int, default=50, help="prompts timed at full depth and with early exit")
+    p.add_argument("--json", action="store_true")
+
+
+def main(args) -> int:
+    from ..calib.evaluate import evaluate
+    from ..paths import DEFAULT_CALIB_DATA
+
+    result = evaluate(args.bundle, args.data or DEFAULT_CALIB_DATA, task=args.task, shots=args.shots, seed=args.seed,
+                      limit=args.limit, timing_samples=args.timing_samples,
+                      max_positions_per_doc=args.max_positions_per_doc)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return 0

@@ -1,0 +1,173 @@
+"""Calibration, the exit classifier and its cost: against transformers, scikit-learn and session counts."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import adainfer.runtime as rt
+from adainfer.accounting import decision_macs, token_cost
+from adainfer.calib import classifiers as clfs
+from adainfer.calib.calibrate import calibrate
+from adainfer.calib.data import load_dataset
+from adainfer.calib.evaluate import evaluate
+from adainfer.calib.features import collect
+from adainfer.errors import InputError
+from adainfer.paths import DEFAULT_CALIB_DATA, HELDOUT_TEXT
+from adainfer.runtime.early_exit import ExitDecider, load_policy, predict
+from adainfer.runtime.exit_policy import ExitPolicy
+from conftest import ROOT, run_cli
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def calibrated(stories_bundle, tmp_path_factory):
+    bundle = tmp_path_factory.mktemp("calib") / "bundle"
+    shutil.copytree(stories_bundle, bundle)
+    report = calibrate(bundle, DEFAULT_CALIB_DATA, limit=60, progress=False)
+    return bundle, report
+
+
+def test_features_equal_transformers_logit_lens(stories_bundle, stories_hf, stories_tokenizer):
+    model = rt.load(stories_bundle)
+    text = "Once upon a time, there was a little girl named Lily. She loved to play."
+    ids = stories_tokenizer.encode(text).ids
+    dataset = load_dataset(DEFAULT_CALIB_DATA, "text", model.tokenizer.encode, limit=1)
+    dataset.examples[0].ids, dataset.examples[0].targets = ids, ids[1:] + [-1]
+    table = collect(model, dataset, progress=False)
+    with torch.no_grad():
+        out = stories_hf(torch.tensor([ids]), output_hidden_states=True)
+        hidden = out.hidden_states  # embedding, then blocks; the last one already has the final norm
+        layer_logits = [stories_hf.lm_head(stories_hf.model.norm(h))[0] for h in hidden[1:-1]] + [out.logits[0]]
+    for layer, logits in enumerate(layer_logits):
+        probs = torch.softmax(logits[:-1].double(), -1).numpy()
+        top = np.sort(probs, -1)
+        assert np.max(np.abs(table.top_prob[:, layer] - top[:, -1])) < 1e-4
+        assert np.max(np.abs(table.gap[:, layer] - (top[:, -1] - top[:, -2]))) < 1e-4
+        assert np.array_equal(table.pred[:, layer], probs.argmax(-1))
+
+
+@pytest.mark.parametrize("kind", ["svm-linear", "svm-rbf", "logreg"])
+def test_onnx_classifier_scores_equal_sklearn(kind, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 5)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] ** 2 + 0.3 * rng.normal(size=600)) > 0.4
+    fitted = clfs.fit(kind, ["gap", "top_prob", "layer_frac", "cos_prev", "norm_ratio"], x[:400], y[:400])
+    fields = clfs.to_onnx(fitted, tmp_path / "c.onnx", x[400:])
+    policy = ExitPolicy(decision="classifier", features=fitted.features, threshold=0.1, head="none",
+                        classifier_file="c.onnx", **{k: v for k, v in fields.items() if k != "max_score_error"})
+    decider = ExitDecider(_FakeModel(), policy, root=tmp_path)
+    got = decider.score({f: x[400:, i] for i, f in enumerate(fitted.features)})
+    want = fitted.score(x[400:])
+    assert np.max(np.abs(got - want)) < 1e-4
+    assert np.array_equal(got >= 0.1, want >= 0.1)
+
+
+class _FakeModel:
+    num_layers = 5
+
+
+def test_calibration_report_and_decisions(calibrated):
+    bundle, report = calibrated
+    assert report["classifier_onnx"]  # ONNX decisions checked on every held-out example
+    for decision, check in report["classifier_onnx"].items():
+        assert check["mismatches"] == 0 and check["examples"] == report["positions"]["held_out"] * 5
+    chosen = report["chosen"]
+    assert chosen["agreement"] >= 0.99
+    assert {v["name"].split("-")[0] for v in report["variants"]} == {"full", "head", "hidden", "lowrank"}
+    manifest = rt.load(bundle).manifest
+    for key in ("classifier", "exit_policy", "calib_report", "plot_tradeoff", "plot_exit_histogram"):
+        assert key in manifest.files and (bundle / manifest.files[key].file).is_file()
+    assert (bundle / "calib_tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    # the paper's rule is a point on the plot: on stories260K it exits early and disagrees a lot
+    assert report["paper_rule_gap_0.8"]["agreement"] < 0.5
+
+
+def test_heldout_agreement_meets_target(calibrated):
+    bundle, _ = calibrated
+    result = evaluate(bundle, HELDOUT_TEXT, limit=30, timing_samples=20)
+    assert result["agreement"] >= 0.99
+    assert result["runtime_exits_match_simulation"] == 1.0
+    assert -1.0 < result["flops_saved"] <= result["flops_saved_excluding_decision"] < 1.0
+    assert sum(result["exit_histogram"]) == result["positions"]
+
+
+def test_forced_exit_runs_exactly_k_blocks(stories_bundle):
+    model = rt.load(stories_bundle)
+    ids = model.encode("Once upon a time, there was")
+    for k in range(1, 6):
+        model.session_calls = {n: 0 for n in model.session_calls}
+        p = predict(model, ids, ExitDecider(model, ExitPolicy.forced(k)))
+        blocks = sum(v for n, v in model.session_calls.items() if n.startswith("block_"))
+        assert p.exit_layer == k and blocks == k
+        assert [model.session_calls[f"block_{i:02d}"] for i in range(5)] == [1] * k + [0] * (5 - k)
+        assert p.cost.blocks == sum(model.manifest.macs.blocks[i].at(len(ids)) for i in range(k))
+
+
+def test_accounting_counts_the_exit_head_each_time(stories_bundle):
+    model = rt.load(stories_bundle)
+    m = model.manifest
+    never_fires = ExitPolicy(decision="rule", features=["gap"], threshold=2.0, head="full")
+    ids = model.encode("Once upon a time")
+    model.session_calls = {n: 0 for n in model.session_calls}
+    p = predict(model, ids, ExitDecider(model, never_fires))
+    assert p.exit_layer == 5 and p.decisions == 4 and model.session_calls["exit_head"] == 4
+    assert decision_macs(m, never_fires) == m.macs.exit_head + 1
+    assert p.cost.decisions == 4 * (m.macs.exit_head + 1)
+    assert p.cost.head == m.macs.final_head
+    always = dataclasses.replace(never_fires, threshold=-1.0)
+    model.session_calls = {n: 0 for n in model.session_calls}
+    p = predict(model, ids, ExitDecider(model, always))
+    assert p.exit_layer == 1 and model.session_calls["exit_head"] == 1 and model.session_calls["final_head"] == 0
+    assert p.cost.head == 0 and p.cost.decisions == m.macs.exit_head + 1  # the exit head produced the token
+    assert token_cost(m, always, 1, len(ids)).total == p.cost.total
+
+
+def test_run_json_reports_exit_layer(calibrated):
+    bundle, _ = calibrated
+    rc, out, err = run_cli("adainfer", "run", str(bundle), "Once upon a time", "--mode", "early-exit", "--json",
+                           "--max-new-tokens", "4")
+    assert rc == 0, err
+    result = json.loads(out)
+    policy = load_policy(rt.load(bundle))
+    assert result["mode"] == "early-exit" and len(result["layers_per_token"]) == 4
+    assert 1 <= result["layers_per_token"][0] <= 5 and result["layers_per_token"][1:] == [5, 5, 5]
+    assert policy.decision in ("folded", "classifier")
+
+
+@pytest.mark.parametrize("task,data", [("sst2", "sst2_dev.tsv"), ("agnews", "ag_news_test.csv")])
+def test_classification_formats_end_to_end(stories_bundle, tmp_path, task, data):
+    if not (SHARED / data).exists():
+        pytest.skip(f"../shared/data/{data} not present")
+    bundle = tmp_path / "b"
+    shutil.copytree(stories_bundle, bundle)
+    report = calibrate(bundle, SHARED / data, task=task, limit=80, shots=1, progress=False)
+    assert report["positions"]["train"] + report["positions"]["held_out"] == 80
+    result = evaluate(bundle, SHARED / data, task=task, limit=40, shots=1, seed=1, timing_samples=10)
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["positions"] == 40
+    assert result["runtime_exits_match_simulation"] == 1.0
+
+
+def test_data_file_errors(tmp_path, stories_bundle):
+    encode = rt.load(stories_bundle).tokenizer.encode
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine line\nbad \xff byte\n")
+    with pytest.raises(InputError, match=r"bad.txt:2: invalid UTF-8"):
+        load_dataset(bad, "text", encode)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n   \n")
+    with pytest.raises(InputError, match="no text"):
+        load_dataset(blank, "text", encode)
+    tsv = tmp_path / "s.tsv"
+    tsv.write_text("sentence\tlabel\ngood movie\t1\nbad\tmovie\t0\n")
+    with pytest.raises(InputError, match=r"s.tsv:3: expected 2 tab-separated columns"):
+        load_dataset(tsv, "sst2", encode)
+    tsv.write_text("sentence\tlabel\ngood movie\t7\n")
+    with pytest.raises(InputError, match=r"s.tsv:2: unknown label '7'"):
+        load_dataset(tsv, "sst2", encode)
+    rc, out, err = run_cli("adainfer", "calib", str(stories_bundle), "--data", str(bad))
+    assert rc == 2 and err.strip().count("\n") == 0 and "invalid UTF-8" in err
