@@ -147,7 +147,7 @@ def test_classification_formats_end_to_end(stories_bundle, tmp_path, task, data)
     shutil.copytree(stories_bundle, bundle)
     report = calibrate(bundle, SHARED / data, task=task, limit=80, shots=1, progress=False)
     assert report["positions"]["train"] + report["positions"]["held_out"] == 80
-    result = evaluate(bundle, SHARED / data, task=task, limit=40, shots=1, seed=1, timing_samples=10)
+    result = evaluate(bundle, SHARED / data, task=task, skip=80, limit=40, shots=1, timing_samples=10)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["positions"] == 40
     assert result["runtime_exits_match_simulation"] == 1.0
 

@@ -101,9 +101,11 @@ def lowrank_table(model, table: FeatureTable, head_path: Path) -> FeatureTable:
 
 
 def calibrate(bundle_dir: Path, data: Path, *, task: str = "text", label: str = "final", target: float = 0.99,
-              holdout: float = 0.3, seed: int = 0, shots: int = 0, limit: Optional[int] = None,
+              holdout: float = 0.3, seed: int = 0, shots: int = 0, limit: Optional[int] = None, skip: int = 0,
               max_positions_per_doc: Optional[int] = None, rank: Optional[int] = None, progress: bool = True,
-              kinds=KINDS) -> dict:
+              kinds=KINDS, variant: str = "auto") -> dict:
+    """Calibrate and write the exit into the bundle. `variant` forces a way of deciding
+    (full-head, head-stride, hidden-only, lowrank); "auto" keeps the one that saves the most."""
     if label not in ("final", "gold"):
         raise InputError(f"--label must be final or gold, got {label!r}")
     if not 0.0 < target <= 1.0:
@@ -113,7 +115,7 @@ def calibrate(bundle_dir: Path, data: Path, *, task: str = "text", label: str = 
     manifest = model.manifest
     if model.tokenizer is None:
         raise InputError(f"bundle {bundle_dir} has no tokenizer; calibration reads text")
-    dataset = load_dataset(data, task, model.tokenizer.encode, shots=shots, seed=seed, limit=limit,
+    dataset = load_dataset(data, task, model.tokenizer.encode, shots=shots, seed=seed, limit=limit, skip=skip,
                            max_tokens=manifest.max_positions)
     table = collect(model, dataset, progress=progress, max_positions_per_doc=max_positions_per_doc)
     train, held = split_by_document(table, holdout, seed)
@@ -161,7 +163,13 @@ def calibrate(bundle_dir: Path, data: Path, *, task: str = "text", label: str = 
                        for k in kinds), key=lambda c: c.chosen.flops_saved)
         lowrank.table_key = "lowrank"
         variants.append(lowrank)
-        winner = max(variants, key=lambda c: c.chosen.flops_saved)
+        if variant == "auto":
+            winner = max(variants, key=lambda c: c.chosen.flops_saved)
+        else:
+            prefix = {"full-head": "full-head", "head-stride": "head-from", "hidden-only": "hidden-only", "lowrank": "lowrank"}
+            if variant not in prefix:
+                raise InputError(f"unknown variant {variant!r}; choose auto, {', '.join(prefix)}")
+            winner = next(v for v in variants if v.name.startswith(prefix[variant]))
 
         report = {
             "bundle": str(bundle_dir), "data": str(data), "task": task, "label": label, "target_agreement": target,

@@ -135,10 +135,13 @@ def read_rows(path: Path, task: str) -> list[tuple[str, str, int]]:
 
 
 def load_dataset(path: Path, task: str, encode: Callable[[str], list[int]], *, shots: int = 0, seed: int = 0,
-                 limit: Optional[int] = None, max_tokens: int = 512) -> Dataset:
-    """Tokenize a data file for `task` ("text", "sst2" or "agnews")."""
+                 limit: Optional[int] = None, skip: int = 0, max_tokens: int = 512) -> Dataset:
+    """Tokenize a data file for `task` ("text", "sst2" or "agnews").
+
+    Documents (or, for classification, rows in the seed's shuffled order) `skip` .. `skip + limit`
+    are used: calibrating on `limit=n` and evaluating on `skip=n` with the same seed never overlap."""
     if task == "text":
-        docs = read_documents(path)
+        docs = read_documents(path)[skip:]
         if limit is not None:
             docs = docs[:limit]
         examples = []
@@ -171,7 +174,7 @@ def load_dataset(path: Path, task: str, encode: Callable[[str], list[int]], *, s
     order = list(range(len(rows)))
     rng.shuffle(order)
     demo_pool = order[:shots * 4] if shots else []
-    eval_rows = [i for i in order if i not in set(demo_pool)]
+    eval_rows = [i for i in order if i not in set(demo_pool)][skip:]
     if limit is not None:
         eval_rows = eval_rows[:limit]
     examples = []

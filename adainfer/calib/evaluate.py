@@ -43,7 +43,7 @@ def _prompts(dataset, table: FeatureTable, count: int, seed: int) -> list[tuple[
 
 
 def evaluate(bundle_dir: Path, data: Path, *, task: str = "text", shots: int = 0, seed: int = 0,
-             limit: Optional[int] = None, timing_samples: int = 50, policy: Optional[ExitPolicy] = None,
+             limit: Optional[int] = None, skip: int = 0, timing_samples: int = 50, policy: Optional[ExitPolicy] = None,
              max_positions_per_doc: Optional[int] = None, progress: bool = False) -> dict:
     model = load(bundle_dir)
     policy = policy or load_policy(model)
@@ -51,7 +51,7 @@ def evaluate(bundle_dir: Path, data: Path, *, task: str = "text", shots: int = 0
         raise InputError(f"bundle {bundle_dir} has no exit policy: run `adainfer calib {bundle_dir} --data FILE` first")
     if model.tokenizer is None:
         raise InputError(f"bundle {bundle_dir} has no tokenizer; evaluation reads text")
-    dataset = load_dataset(data, task, model.tokenizer.encode, shots=shots, seed=seed, limit=limit,
+    dataset = load_dataset(data, task, model.tokenizer.encode, shots=shots, seed=seed, limit=limit, skip=skip,
                            max_tokens=model.manifest.max_positions)
     table = collect(model, dataset, progress=progress, max_positions_per_doc=max_positions_per_doc)
     decider = ExitDecider(model, policy)

@@ -15,6 +15,7 @@ def add_data_options(p) -> None:
     p.add_argument("--shots", type=int, default=0, help="demonstrations per prompt (classification)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use at most this many documents / rows")
+    p.add_argument("--skip", type=int, default=0, help="skip this many documents / rows (e.g. those calibrated on)")
     p.add_argument("--max-positions-per-doc", type=int, default=None)
 
 
@@ -27,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--target-agreement", type=float, default=0.99)
     p.add_argument("--holdout", type=float, default=0.3, help="fraction of documents held out")
     p.add_argument("--rank", type=int, default=None, help="rank of the low-rank exit head (default hidden/4)")
+    p.add_argument("--variant", default="auto", choices=["auto", "full-head", "head-stride", "hidden-only", "lowrank"],
+                   help="way of deciding to write into the bundle (auto: the one saving the most compute)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -36,7 +39,8 @@ def main(args) -> int:
 
     report = calibrate(args.bundle, args.data or DEFAULT_CALIB_DATA, task=args.task, label=args.label,
                        target=args.target_agreement, holdout=args.holdout, seed=args.seed, shots=args.shots,
-                       limit=args.limit, max_positions_per_doc=args.max_positions_per_doc, rank=args.rank)
+                       limit=args.limit, skip=args.skip, max_positions_per_doc=args.max_positions_per_doc, rank=args.rank,
+                       variant=args.variant)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "curves"}, indent=2))
     else:

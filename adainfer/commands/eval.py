@@ -23,7 +23,7 @@ def main(args) -> int:
     from ..paths import DEFAULT_CALIB_DATA
 
     result = evaluate(args.bundle, args.data or DEFAULT_CALIB_DATA, task=args.task, shots=args.shots, seed=args.seed,
-                      limit=args.limit, timing_samples=args.timing_samples,
+                      limit=args.limit, skip=args.skip, timing_samples=args.timing_samples,
                       max_positions_per_doc=args.max_positions_per_doc)
     if args.json:
         print(json.dumps(result))
