@@ -21,14 +21,20 @@ class TokenCost:
     blocks: int
     decisions: int
     head: int
+    fill: int = 0  # key/value projections that fill the layers an exit skipped
 
     @property
     def total(self) -> int:
-        return self.blocks + self.decisions + self.head
+        return self.blocks + self.decisions + self.head + self.fill
 
     @property
     def excluding_decision(self) -> int:
-        return self.blocks + self.head
+        return self.blocks + self.head + self.fill
+
+
+def fill_macs(manifest: Manifest, exit_layer: int) -> int:
+    """Filling the caches of layers exit_layer+1 .. L from the exit state (CALM's propagation)."""
+    return sum(manifest.macs.kv_fill[exit_layer:]) if manifest.macs.kv_fill else 0
 
 
 def blocks_macs(manifest: Manifest, layers: int, context: int) -> int:

@@ -81,7 +81,8 @@ def test_calibration_report_and_decisions(calibrated):
     assert {v["name"].split("-")[0] for v in report["variants"]} == {"full", "head", "hidden", "lowrank"}
     manifest = rt.load(bundle).manifest
     for key in ("classifier", "exit_policy", "calib_report", "plot_tradeoff", "plot_exit_histogram"):
-        assert key in manifest.files and (bundle / manifest.files[key].file).is_file()
+        assert key in manifest.attachments and (bundle / manifest.attachments[key].file).is_file()
+    assert manifest.extras["exit_decision"] == load_policy(rt.load(bundle)).decision
     assert (bundle / "calib_tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     # the paper's rule is a point on the plot: on stories260K it exits early and disagrees a lot
     assert report["paper_rule_gap_0.8"]["agreement"] < 0.5

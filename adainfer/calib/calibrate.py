@@ -23,7 +23,6 @@ import numpy as np
 
 from ..atomic import staged_update
 from ..errors import InputError
-from ..manifest import file_spec
 from ..runtime import load
 from ..runtime.exit_policy import HEAD_FEATURES, POLICY_FILE, ExitPolicy
 from . import classifiers as clfs
@@ -237,10 +236,10 @@ def _write(bundle_dir: Path, model, winner: Candidate, held: FeatureTable, lowra
         names["calib_report"] = "calib_report.json"
         for key, name in write_plots(report, update.dir).items():
             names[key] = name
-        files = dict(manifest.files)
-        for key, name in names.items():
-            files[key] = file_spec(update.dir, name)
-        dataclasses.replace(manifest, files=files).save(update.dir)
+        for key, name in names.items():  # attachments: checked on load, outside the export's digest
+            manifest = manifest.attach(key, update.dir, name)
+        manifest = dataclasses.replace(manifest, extras={**manifest.extras, "exit_decision": policy.decision})
+        manifest.save(update.dir)
 
 
 def _check_decisions(model, policy: ExitPolicy, staged: Path, held: FeatureTable, fitted: clfs.Fitted) -> dict:

@@ -85,15 +85,18 @@ def candidate_thresholds(scores: np.ndarray, evaluated: np.ndarray, count: int =
     """Midpoints between well-separated score values (so float32 ONNX decisions equal float64 ones)."""
     values = np.unique(scores[:, evaluated].ravel())
     values = values[np.isfinite(values)]
-    if values.size < 2:
+    if values.size == 0:
         return np.array([np.inf])
+    below = values[0] - 1e-3 * (1.0 + abs(values[0]))  # every evaluated layer fires
+    if values.size < 2:
+        return np.array([below, np.inf])
     mids = (values[1:] + values[:-1]) / 2
     gaps = values[1:] - values[:-1]
     keep = gaps > 1e-4 * (1.0 + np.abs(mids))
     mids = mids[keep]
     if mids.size > count:
         mids = mids[np.unique(np.linspace(0, mids.size - 1, count).astype(int))]
-    return np.concatenate([mids, [np.inf]])
+    return np.concatenate([[below], mids, [np.inf]])
 
 
 def sweep(table: FeatureTable, manifest: Manifest, policy: ExitPolicy, scores: np.ndarray) -> list[Outcome]:

@@ -145,7 +145,7 @@ def trace(model, ids: Sequence[int]) -> list[np.ndarray]:
 
 def load_policy(model) -> Optional[ExitPolicy]:
     """The bundle's calibrated policy, if `adainfer calib` wrote one."""
-    spec = model.manifest.files.get("exit_policy")
+    spec = model.manifest.attachments.get("exit_policy")
     if spec is None:
         return None
     return ExitPolicy.load(model.bundle.root / spec.file)

@@ -11,10 +11,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
-def choose_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy when temperature is 0; otherwise sample from the tempered, top-p-truncated distribution."""
+def distribution(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """The distribution sampling draws from: tempered softmax, truncated to the top-p nucleus.
+    Greedy decoding (temperature 0) is the one-hot distribution of the argmax."""
     if temperature <= 0.0:
-        return int(np.argmax(logits))
+        probs = np.zeros(logits.shape[-1])
+        probs[int(np.argmax(logits))] = 1.0
+        return probs
     probs = softmax(logits / temperature)
     if top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
@@ -23,4 +26,12 @@ def choose_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
         truncated = np.zeros_like(probs)
         truncated[order[keep]] = sorted_probs[keep]
         probs = truncated / truncated.sum()
+    return probs
+
+
+def choose_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy when temperature is 0; otherwise sample from the tempered, top-p-truncated distribution."""
+    if temperature <= 0.0:
+        return int(np.argmax(logits))
+    probs = distribution(logits, temperature, top_p)
     return int(rng.choice(probs.shape[0], p=probs))

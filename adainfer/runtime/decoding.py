@@ -1,0 +1,243 @@
+"""Token-by-token generation in three modes, each yielding what every token cost.
+
+- full: every token runs every block.
+- early-exit: a token stops where the calibrated classifier fires; the layers it skipped
+  get its keys and values from the exit hidden state through their own norm and K/V
+  projections (`kv_fill_NN` graphs: CALM's state propagation). Approximate.
+- speculative: draft tokens with early exit (+ propagation, in a throw-away copy of the
+  cache), verify them with one full-depth forward over all of them, keep the longest prefix
+  the full model agrees with, and roll the cache back past the first rejected token.
+  Lossless: greedy output equals full-depth greedy output; with sampling the standard
+  speculative acceptance rule keeps the full model's distribution.
+The prompt always runs at full depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from ..accounting import TokenCost, fill_macs, token_cost
+from ..errors import BundleError
+from .exit_policy import ExitPolicy
+from .sampling import choose_token, distribution
+
+MODES = ("full", "early-exit", "speculative")
+
+
+@dataclass
+class Emission:
+    """One generated token and the compute charged to it."""
+
+    token: int
+    layers: float  # blocks run for this token (a speculative round's blocks are shared by its tokens)
+    macs: float
+    decision_macs: float
+    drafted: bool = False
+
+
+@dataclass
+class Sampler:
+    temperature: float
+    top_p: float
+    rng: np.random.Generator
+
+    def choose(self, logits: np.ndarray) -> int:
+        return choose_token(logits, self.temperature, self.top_p, self.rng)
+
+    def distribution(self, logits: np.ndarray) -> np.ndarray:
+        return distribution(logits, self.temperature, self.top_p)
+
+
+def fork(state):
+    """A copy of a decode state whose arrays are shared until replaced (the chain never writes in place)."""
+    from .model import DecodeState
+
+    return DecodeState(keys=list(state.keys), values=list(state.values), attention_mask=state.attention_mask.copy(),
+                       next_position=state.next_position.copy(), complete_layers=state.complete_layers)
+
+
+def truncate(state, length: int) -> None:
+    """Roll the cache back to its first `length` positions (batch of one)."""
+    removed = state.length - length
+    state.keys = [k[:, :, :length] for k in state.keys]
+    state.values = [v[:, :, :length] for v in state.values]
+    state.attention_mask = state.attention_mask[:, :length]
+    state.next_position = state.next_position - removed
+
+
+def fill_skipped(model, state, run) -> None:
+    """Give layers exit+1 .. L the exit state's keys and values (they never ran for these tokens)."""
+    if not model.has_kv_fill:
+        raise BundleError("this bundle has no kv_fill graphs (re-export it to generate with early exit)")
+    for layer in range(run.exit_layer + 1, model.num_layers + 1):
+        key, value = model.kv_fill(layer, run.hidden, run.position_ids)
+        state.keys[layer - 1] = np.concatenate([state.keys[layer - 1], key], axis=2)
+        state.values[layer - 1] = np.concatenate([state.values[layer - 1], value], axis=2)
+    state.complete_layers = model.num_layers
+
+
+class FullDecoder:
+    def __init__(self, model, sampler: Sampler):
+        self.model, self.sampler = model, sampler
+        self.never = ExitPolicy.never()
+
+    def run(self, ids: Sequence[int]) -> Iterator[Emission]:
+        model = self.model
+        state, logits = model.start([ids])
+        while True:
+            token = self.sampler.choose(logits[0])
+            cost = token_cost(model.manifest, self.never, model.num_layers, state.length)
+            yield Emission(token, model.num_layers, cost.total, 0)
+            logits = model.step(state, [token])
+
+
+class EarlyExitDecoder:
+    """Each generated token stops where the decider fires; skipped layers are filled by propagation."""
+
+    def __init__(self, model, sampler: Sampler, decider):
+        self.model, self.sampler, self.decider = model, sampler, decider
+
+    def run(self, ids: Sequence[int]) -> Iterator[Emission]:
+        model = self.model
+        state, logits = model.start([ids])
+        cost = token_cost(model.manifest, ExitPolicy.never(), model.num_layers, state.length)
+        layers = model.num_layers
+        decision = 0
+        while True:
+            token = self.sampler.choose(logits[0])
+            yield Emission(token, layers, cost.total, decision)
+            logits, layers, cost = self.step(state, token)
+            decision = cost.decisions
+
+    def step(self, state, token: int):
+        model = self.model
+        ids = np.array([[token]], dtype=np.int64)
+        run = model.run_layers(ids, state, np.ones_like(ids), self.decider)
+        if run.exit_layer < model.num_layers:
+            fill_skipped(model, state, run)
+        logits = model.final_logits(run.hidden[:, -1, :])  # the head runs once more: charged below
+        cost = token_cost(model.manifest, self.decider.policy, run.exit_layer, state.length)
+        cost = TokenCost(cost.blocks, cost.decisions, model.manifest.macs.final_head, fill_macs(model.manifest, run.exit_layer))
+        return logits, run.exit_layer, cost
+
+
+class SpeculativeDecoder:
+    """Draft with early exit, verify at full depth, keep the agreeing prefix, roll back the rest."""
+
+    def __init__(self, model, sampler: Sampler, decider, max_draft: int = 4):
+        self.model, self.sampler, self.decider, self.max_draft = model, sampler, decider, max_draft
+        self.drafter = EarlyExitDecoder(model, sampler, decider)
+        self.state = None
+        self.drafted = self.accepted = self.rejected_rounds = self.rounds = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def draft(self, token: int):
+        """Up to max_draft tokens from early exits, in a copy of the cache; stops at a token that ran full depth.
+
+        If the very first draft step runs full depth, nothing in it was approximate: its cache and
+        logits are the full model's, returned as `exact` = (state, logits) so no verification is needed."""
+        state = fork(self.state)
+        tokens, dists, macs, decisions, layers = [], [], 0.0, 0.0, 0
+        exact = None
+        for _ in range(self.max_draft):
+            logits, exit_layer, cost = self.drafter.step(state, token)
+            macs += cost.total
+            decisions += cost.decisions
+            layers += exit_layer
+            if exit_layer == self.model.num_layers:
+                if not tokens:
+                    exact = (state, logits)
+                break  # the classifier was not confident: stop drafting
+            dists.append(self.sampler.distribution(logits[0]))
+            token = self._sample(dists[-1], logits[0])
+            tokens.append(token)
+        return tokens, dists, macs, decisions, layers, exact
+
+    def _sample(self, probs: np.ndarray, logits: np.ndarray) -> int:
+        if self.sampler.temperature <= 0:
+            return int(np.argmax(logits))
+        return int(self.sampler.rng.choice(probs.shape[0], p=probs))
+
+    def verify(self, token: int, drafts: list[int]) -> np.ndarray:
+        """One full-depth forward over [token] + drafts on the verified cache; logits at every position."""
+        ids = np.array([[token, *drafts]], dtype=np.int64)
+        run = self.model.run_layers(ids, self.state, np.ones_like(ids))
+        return self.model.final_logits(run.hidden[0])
+
+    def accept(self, drafts: list[int], dists: list[np.ndarray], logits: np.ndarray) -> tuple[int, int]:
+        """(number of drafts accepted, the next token from the full model)."""
+        rng = self.sampler.rng
+        for i, d in enumerate(drafts):
+            if self.sampler.temperature <= 0:
+                target = int(np.argmax(logits[i]))
+                if d != target:
+                    return i, target
+                continue
+            p, q = self.sampler.distribution(logits[i]), dists[i]
+            if rng.random() < min(1.0, p[d] / q[d]):
+                continue
+            residual = np.maximum(p - q, 0.0)
+            residual = residual / residual.sum() if residual.sum() > 0 else p
+            return i, int(rng.choice(residual.shape[0], p=residual))
+        return len(drafts), self.sampler.choose(logits[len(drafts)])
+
+    def run(self, ids: Sequence[int]) -> Iterator[Emission]:
+        model = self.model
+        self.state, logits = model.start([ids])
+        token = self.sampler.choose(logits[0])
+        yield Emission(token, model.num_layers, token_cost(model.manifest, ExitPolicy.never(), model.num_layers,
+                                                           self.state.length).total, 0)
+        while True:
+            drafts, dists, macs, decisions, layers, exact = self.draft(token)
+            if exact is not None:  # a plain full-depth step: adopt it
+                self.state, logits = exact
+                token = self.sampler.choose(logits[0])
+                yield Emission(token, layers, macs, decisions)
+                continue
+            logits = self.verify(token, drafts)
+            verified_length = self.state.length
+            accepted, next_token = self.accept(drafts, dists, logits)
+            self.rounds += 1
+            self.drafted += len(drafts)
+            self.accepted += accepted
+            if accepted < len(drafts):
+                self.rejected_rounds += 1
+            truncate(self.state, verified_length - (len(drafts) - accepted))  # drop rejected drafts' entries
+            context = verified_length
+            verify_macs = sum(token_cost(model.manifest, ExitPolicy.never(), model.num_layers, context - j).total
+                              for j in range(len(drafts) + 1))
+            out = [*drafts[:accepted], next_token]
+            share = (macs + verify_macs) / len(out)
+            per_layers = (layers + model.num_layers * (len(drafts) + 1)) / len(out)
+            for i, t in enumerate(out):
+                yield Emission(t, per_layers, share, decisions / len(out), drafted=i < accepted)
+            token = next_token
+
+
+def make_decoder(model, mode: str, sampler: Sampler, decider=None, max_draft: int = 4):
+    if mode == "full":
+        return FullDecoder(model, sampler)
+    if decider is None:
+        raise BundleError("this bundle has no exit policy: run `adainfer calib BUNDLE` first")
+    if mode == "early-exit":
+        return EarlyExitDecoder(model, sampler, decider)
+    if mode == "speculative":
+        return SpeculativeDecoder(model, sampler, decider, max_draft)
+    raise BundleError(f"unknown mode {mode!r}; choose {', '.join(MODES)}")
+
+
+def greedy_reference(model, ids: Sequence[int], count: int) -> list[int]:
+    """Full-depth greedy tokens (for agreement measurements)."""
+    decoder = FullDecoder(model, Sampler(0.0, 1.0, np.random.default_rng(0)))
+    out = []
+    for emission in decoder.run(ids):
+        out.append(emission.token)
+        if len(out) == count:
+            return out
+    return out
