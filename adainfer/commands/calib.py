@@ -8,10 +8,11 @@ from pathlib import Path
 NAME = "calib"
 
 
-def add_data_options(p) -> None:
+def add_data_options(p, generation: bool = False) -> None:
     p.add_argument("--data", type=Path, default=None, help="data file (default: the bundled TinyStories sample)")
-    p.add_argument("--task", default="text", choices=["text", "sst2", "agnews"],
-                   help="text: next token at every position; sst2 (TSV) / agnews (CSV): label word at the end")
+    p.add_argument("--task", default="text", choices=["text", "sst2", "agnews"] + (["generation"] if generation else []),
+                   help="text: next token at every position; sst2 (TSV) / agnews (CSV): label word at the end"
+                        + ("; generation: each generation mode on held-out prompts" if generation else ""))
     p.add_argument("--shots", type=int, default=0, help="demonstrations per prompt (classification)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use at most this many documents / rows")

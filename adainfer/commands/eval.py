@@ -13,8 +13,9 @@ NAME = "eval"
 def register(sub) -> None:
     p = sub.add_parser(NAME, help="evaluate the calibrated early exit", description=__doc__)
     p.add_argument("bundle", type=Path)
-    add_data_options(p)
+    add_data_options(p, generation=True)
     p.add_argument("--timing-samples", type=int, default=50, help="prompts timed at full depth and with early exit")
+    p.add_argument("--new-tokens", type=int, default=48, help="generation: tokens generated per prompt")
     p.add_argument("--json", action="store_true")
 
 
@@ -22,6 +23,14 @@ def main(args) -> int:
     from ..calib.evaluate import evaluate
     from ..paths import DEFAULT_CALIB_DATA
 
+    if args.task == "generation":
+        from ..calib.generation_eval import evaluate_generation
+        from ..paths import HELDOUT_TEXT
+
+        result = evaluate_generation(args.bundle, args.data or HELDOUT_TEXT, prompts=args.limit or 20, skip=args.skip,
+                                     new_tokens=args.new_tokens)
+        print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+        return 0
     result = evaluate(args.bundle, args.data or DEFAULT_CALIB_DATA, task=args.task, shots=args.shots, seed=args.seed,
                       limit=args.limit, skip=args.skip, timing_samples=args.timing_samples,
                       max_positions_per_doc=args.max_positions_per_doc)
