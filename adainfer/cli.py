@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_common import run_main
+from .cli_common import ArgumentParser, run_main
 from .commands import COMMANDS
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adainfer", description=__doc__)
+    p = ArgumentParser(prog="adainfer", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)

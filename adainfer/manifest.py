@@ -1,8 +1,16 @@
 """The bundle manifest: one typed definition that the exporter writes and the runtime reads.
 
 Pure Python (no numpy, no torch) so that both sides share it. Loading is strict:
-an unknown schema version, a missing or extra field, a wrong type or a file name that
-leaves the bundle directory is refused with a `BundleError` naming the field.
+an unknown schema version, a missing, extra or duplicated field, a wrong type, a number
+that is not finite or out of range, inconsistent geometry, two entries for one file or a
+file name that leaves the bundle directory is refused with a one-line `BundleError`
+naming the field.
+
+Files added after the export (calibration's policy and classifier, built engines) are
+listed under `attachments`: they are checked on load like every other file, but do not
+change `manifest_digest`, which identifies what the export decided (geometry, graph
+interfaces and digests, model files). Whatever is built from a bundle records that
+digest and is refused when the bundle it meets has another (`check_manifest_digest`).
 """
 
 from __future__ import annotations
@@ -10,9 +18,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional, Union
 
@@ -20,6 +31,14 @@ from .errors import BundleError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: integers beyond this are refused (they do not survive JSON readers that use doubles)
+MAX_INT = 2**53
+#: a manifest larger than this is refused before it is parsed
+MAX_MANIFEST_BYTES = 64 << 20
+TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
+MODEL_DTYPES = ("float32", "float16", "bfloat16")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_BLOCK = re.compile(r"block_(\d+)")
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,8 @@ class Macs:
     blocks: list[MacCount]
     exit_head: int
     final_head: int
+    #: per layer: norm + key/value projections that fill a skipped layer's cache (kv_fill_NN graphs)
+    kv_fill: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -106,6 +127,8 @@ class Manifest:
     macs: Macs
     exporter: ExporterInfo
     extras: dict[str, Any] = field(default_factory=dict)
+    #: files added after the export (calibration, engines): checked on load, outside `digest()`
+    attachments: dict[str, FileSpec] = field(default_factory=dict)
 
     @staticmethod
     def block_name(index: int) -> str:
@@ -118,23 +141,47 @@ class Manifest:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
     def save(self, bundle_dir: Path) -> None:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
-        (Path(bundle_dir) / MANIFEST_NAME).write_text(text + "\n")
+        """Write `manifest.json` into `bundle_dir` atomically (readers see the old or the new one)."""
+        from .atomic import atomic_write_text
+
+        text = self.to_json()
+        Manifest.from_dict(json.loads(text))  # never write a manifest the runtime would refuse
+        atomic_write_text(Path(bundle_dir) / MANIFEST_NAME, text, BundleError)
+
+    def digest(self) -> str:
+        """sha256 of what the export decided: everything but `extras` and `attachments`."""
+        core = {k: v for k, v in self.to_dict().items() if k not in ("extras", "attachments")}
+        text = json.dumps(core, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def attach(self, key: str, bundle_dir: Path, name: str) -> "Manifest":
+        """A copy with file `name` of `bundle_dir` (its size and sha256) listed under `attachments[key]`."""
+        check_relative_name(name)
+        return dataclasses.replace(self, attachments={**self.attachments, key: file_spec(bundle_dir, name)})
+
+    def detach(self, key: str) -> "Manifest":
+        """A copy without `attachments[key]` (the file itself is not touched)."""
+        return dataclasses.replace(self, attachments={k: v for k, v in self.attachments.items() if k != key})
 
     @classmethod
     def from_dict(cls, data: Any) -> "Manifest":
         if not isinstance(data, dict):
-            raise BundleError("manifest.json: expected a JSON object")
+            raise BundleError(f"manifest.json: expected a JSON object, got {_json_kind(data)}")
         version = data.get("schema_version")
         if not isinstance(version, int) or isinstance(version, bool):
             raise BundleError("manifest.json: schema_version is missing or not an integer")
         if version > SCHEMA_VERSION:
+            version = version if version < 10**6 else "> 1000000"
             raise BundleError(
                 f"manifest.json: schema version {version} is newer than this adainfer reads "
                 f"({SCHEMA_VERSION}); upgrade adainfer or re-export the bundle"
             )
         if version < SCHEMA_VERSION:
+            version = version if version > -10**6 else "< -1000000"
             raise BundleError(f"manifest.json: schema version {version} is no longer supported; re-export the bundle")
         manifest = _build(cls, data, "manifest")
         manifest._check_consistency()
@@ -142,47 +189,200 @@ class Manifest:
 
     @classmethod
     def load(cls, bundle_dir: Path) -> "Manifest":
-        path = Path(bundle_dir) / MANIFEST_NAME
-        if not Path(bundle_dir).is_dir():
-            raise BundleError(f"bundle directory not found: {bundle_dir}")
-        if not path.is_file():
-            raise BundleError(f"not a bundle (no {MANIFEST_NAME}): {bundle_dir}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_manifest_json(bundle_dir))
 
     def _check_consistency(self) -> None:
-        expected = {"embed", "exit_head", "final_head", *self.block_names}
-        missing = sorted(expected - set(self.graphs))
+        for positive in ("num_layers", "hidden_size", "vocab_size", "max_positions", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, positive) <= 0:
+                raise BundleError(f"manifest.json: {positive} must be positive, got {getattr(self, positive)}")
+        if self.num_heads % self.num_kv_heads:
+            raise BundleError(f"manifest.json: num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.dtype not in MODEL_DTYPES:
+            raise BundleError(f"manifest.json: unsupported dtype {self.dtype!r} (expected one of {', '.join(MODEL_DTYPES)})")
+        if self.padding_side not in ("left",):
+            raise BundleError(f"manifest.json: unsupported padding_side {self.padding_side!r}")
+        for where, token in [("bos_token_id", self.bos_token_id)] + [(f"eos_token_ids[{i}]", t) for i, t in enumerate(self.eos_token_ids)]:
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise BundleError(f"manifest.json: {where} {token} is outside the vocabulary (0..{self.vocab_size - 1})")
+        # one block graph per layer, no more; counted before listing block names, so that a
+        # huge num_layers cannot make us build a huge list
+        blocks = {k for k in self.graphs if _BLOCK.fullmatch(k)}
+        if self.num_layers > len(blocks):
+            raise BundleError(f"manifest.json: num_layers is {self.num_layers} but graphs has {len(blocks)} block graphs")
+        extra = sorted(blocks - set(self.block_names))
+        if extra:
+            raise BundleError(f"manifest.json: graph {extra[0]} is not one of the {self.num_layers} blocks (block_00..)")
+        missing = sorted({"embed", "exit_head", "final_head", *self.block_names} - set(self.graphs))
         if missing:
             raise BundleError(f"manifest.json: graphs missing: {', '.join(missing)}")
         if len(self.macs.blocks) != self.num_layers:
             raise BundleError("manifest.json: macs.blocks does not have one entry per layer")
-        if self.padding_side not in ("left",):
-            raise BundleError(f"manifest.json: unsupported padding_side {self.padding_side!r}")
-        for positive in ("num_layers", "hidden_size", "vocab_size", "max_positions", "num_heads", "num_kv_heads", "head_dim"):
-            if getattr(self, positive) <= 0:
-                raise BundleError(f"manifest.json: {positive} must be positive")
-        for entry in self.all_files().values():
+        for key, graph in self.graphs.items():
+            _check_interface(f"graphs.{_key(key)}", graph)
+        self._check_geometry()
+        seen: dict[str, str] = {}
+        for key, entry in self.all_files().items():
             check_relative_name(entry.file)
+            if PurePosixPath(entry.file) == PurePosixPath(MANIFEST_NAME):
+                raise BundleError(f"manifest.json: {key} names the manifest itself")
+            if not _SHA256.fullmatch(entry.sha256):
+                raise BundleError(f"manifest.json: sha256 of {key} is not 64 lowercase hex digits")
+            if entry.size < 0:
+                raise BundleError(f"manifest.json: size of {key} is negative")
+            normal = str(PurePosixPath(entry.file))
+            if normal in seen:
+                raise BundleError(f"manifest.json: {key} and {seen[normal]} both name the file {entry.file}")
+            seen[normal] = key
+        for where, value in _numbers(self.macs, "macs"):
+            if value < 0:
+                raise BundleError(f"manifest.json: {where} is negative")
+
+    def _check_geometry(self) -> None:
+        """The graphs' tensor specs agree with the geometry: the tensors the runtime feeds exist
+        and their fixed dimensions are the manifest's hidden size, KV heads, head size, vocabulary."""
+        required = {"embed": (["input_ids"], ["hidden_states"]), "final_head": (["hidden_states"], ["logits"]),
+                    "exit_head": (["hidden_states"], [])}
+        block_io = (["hidden_states", "attention_mask", "past_key", "past_value"],
+                    ["hidden_states_out", "present_key", "present_value"])
+        fixed = {"hidden_states": {-1: ("hidden_size", self.hidden_size)},
+                 "hidden_states_out": {-1: ("hidden_size", self.hidden_size)},
+                 "logits": {-1: ("vocab_size", self.vocab_size)}}
+        kv = {1: ("num_kv_heads", self.num_kv_heads), 3: ("head_dim", self.head_dim)}
+        fixed.update({name: kv for name in ("past_key", "past_value", "present_key", "present_value")})
+        for key, graph in self.graphs.items():
+            needed = block_io if key in self.block_names else required.get(key, ([], []))
+            for kind, names, specs in (("inputs", needed[0], graph.inputs), ("outputs", needed[1], graph.outputs)):
+                present = {t.name for t in specs}
+                for name in names:
+                    if name not in present:
+                        raise BundleError(f"manifest.json: graphs.{_key(key)}.{kind} has no {name}")
+                for t in specs:
+                    for axis, (what, value) in fixed.get(t.name, {}).items():
+                        if t.name in kv_names() and len(t.shape) != 4:
+                            raise BundleError(f"manifest.json: graphs.{_key(key)} {t.name} must have 4 dimensions")
+                        dim = t.shape[axis] if t.shape else None
+                        if isinstance(dim, int) and dim != value:
+                            raise BundleError(f"manifest.json: graphs.{_key(key)} {t.name} has {dim} where {what} is {value}")
 
     def all_files(self) -> dict[str, Union[GraphSpec, FileSpec]]:
-        """Every file the manifest vouches for, by key."""
-        entries: dict[str, Union[GraphSpec, FileSpec]] = dict(self.files)
+        """Every file the manifest vouches for, by key (`files`, graphs with their data, `attachments`)."""
+        entries: dict[str, Union[GraphSpec, FileSpec]] = {f"files.{_key(k)}": v for k, v in self.files.items()}
         for key, graph in self.graphs.items():
-            entries[key] = graph
+            entries[f"graphs.{_key(key)}"] = graph
             for data in graph.data_files:
-                entries[f"{key}:{data.file}"] = data
+                entries[f"graphs.{_key(key)}:{_key(data.file)}"] = data
+        entries.update({f"attachments.{_key(k)}": v for k, v in self.attachments.items()})
         return entries
 
 
+def kv_names() -> tuple[str, ...]:
+    return ("past_key", "past_value", "present_key", "present_value")
+
+
+def _check_interface(where: str, graph: GraphSpec) -> None:
+    for kind, specs in (("inputs", graph.inputs), ("outputs", graph.outputs)):
+        if not specs:
+            raise BundleError(f"manifest.json: {where}.{kind} is empty")
+        names = [t.name for t in specs]
+        for i, t in enumerate(specs):
+            if not t.name:
+                raise BundleError(f"manifest.json: {where}.{kind}[{i}] has an empty name")
+            if names.count(t.name) > 1:
+                raise BundleError(f"manifest.json: {where}.{kind} lists {t.name!r} twice")
+            if t.dtype not in TENSOR_DTYPES:
+                raise BundleError(f"manifest.json: {where}.{kind}[{i}].dtype {t.dtype!r} is not a tensor type")
+            for d in t.shape:
+                if (isinstance(d, int) and d < 0) or (isinstance(d, str) and not d):
+                    raise BundleError(f"manifest.json: {where}.{kind}[{i}].shape has an invalid dimension {d!r}")
+
+
+def _numbers(obj: Any, where: str):
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _numbers(getattr(obj, f.name), f"{where}.{f.name}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{where}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield where, obj
+
+
 def check_relative_name(name: str) -> None:
-    """Refuse names that could reach outside the bundle directory."""
+    """Refuse names that could reach outside the bundle directory (`..`, absolute, drive or odd characters)."""
     path = PurePosixPath(name)
-    if not name or path.is_absolute() or "\\" in name or any(part in ("..", "") for part in path.parts) or name.startswith("/"):
+    if (not name or path.is_absolute() or "\\" in name or ":" in name or ".." in path.parts or not path.parts
+            or path.parts == (".",) or any(ord(c) < 32 or c == "\x7f" for c in name)):
         raise BundleError(f"manifest.json: file name {name!r} is not a plain path inside the bundle")
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return "a number"
+
+
+def _refuse_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise BundleError(f"manifest.json: field {k!r} appears twice in one object")
+    return dict(pairs)
+
+
+def _refuse_constant(name: str):
+    raise BundleError(f"manifest.json: {name} is not a number JSON allows")
+
+
+def read_manifest_json(bundle_dir: Path) -> Any:
+    """The parsed `manifest.json` of a bundle (not yet validated): one-line `BundleError`s for
+    a missing directory or file, a manifest that leaves the bundle, unreadable or oversized
+    files, non-UTF-8 text, invalid JSON, duplicate keys and NaN or infinite numbers."""
+    root = Path(bundle_dir)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise BundleError(f"bundle directory not found: {bundle_dir}" if not root.exists() else f"not a bundle directory: {bundle_dir}")
+    if not os.path.lexists(path):
+        raise BundleError(f"not a bundle (no {MANIFEST_NAME}): {bundle_dir}")
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True).relative_to(root.resolve())
+        except (ValueError, OSError):
+            raise BundleError(f"{path}: a link that points outside the bundle (or nowhere)") from None
+    if not path.is_file():
+        raise BundleError(f"{path}: not a regular file")
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path}: {path.stat().st_size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES})")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4300 digits, deep nesting
+        raise BundleError(f"{path}: not usable JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def manifest_digest(bundle_dir: Path) -> str:
+    """The digest that engines, classifiers and policies built from a bundle record (see `Manifest.digest`)."""
+    return Manifest.load(bundle_dir).digest()
+
+
+def check_manifest_digest(bundle_dir: Path, recorded: str, what: str) -> None:
+    """Refuse `what` (an engine, a classifier) built from another bundle than the one at `bundle_dir`."""
+    actual = manifest_digest(bundle_dir)
+    if recorded != actual:
+        raise BundleError(f"{what} was built from another bundle (manifest digest {str(recorded)[:12]}, "
+                          f"{bundle_dir} has {actual[:12]}); rebuild it")
 
 
 def sha256_of(path: Path) -> str:
@@ -201,6 +401,11 @@ def file_spec(bundle_dir: Path, name: str) -> FileSpec:
 # ---------------------------------------------------------------- strict decoding
 
 
+def _key(key: str) -> str:
+    """A field name as it can be shown on one line."""
+    return key if key.isprintable() and len(key) <= 80 else repr(key[:80])
+
+
 def _build(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -210,7 +415,7 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         fields = {f.name: f for f in dataclasses.fields(tp)}
         extra = sorted(set(value) - set(fields))
         if extra:
-            raise BundleError(f"manifest.json: unknown field {where}.{extra[0]}")
+            raise BundleError(f"manifest.json: unknown field {where}.{_key(extra[0])}")
         kwargs = {}
         for name, f in fields.items():
             if name not in value:
@@ -236,7 +441,7 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise BundleError(f"manifest.json: {where} must be an object")
         _, item = typing.get_args(tp)
-        return {str(k): _build(item, v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _build(item, v, f"{where}.{_key(k)}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is type(None):
@@ -246,14 +451,20 @@ def _build(tp: Any, value: Any, where: str) -> Any:
     if tp is int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise BundleError(f"manifest.json: {where} must be an integer")
+        if not -MAX_INT <= value <= MAX_INT:
+            raise BundleError(f"manifest.json: {where} is out of range")
         return value
     if tp is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise BundleError(f"manifest.json: {where} must be a number")
+        if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT or not math.isfinite(value):
+            raise BundleError(f"manifest.json: {where} must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise BundleError(f"manifest.json: {where} must be a string")
+        if "\x00" in value:
+            raise BundleError(f"manifest.json: {where} contains a NUL character")
         return value
     if tp is bool:
         if not isinstance(value, bool):

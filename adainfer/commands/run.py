@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-stop-at-eos", action="store_true")
+    p.add_argument("--truncate-prompt", action="store_const", const="left", default=None,
+                   help="keep the most recent tokens of a prompt too long for the model (default: refuse it)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "ort-cuda", "ort-trt"), default="onnxruntime",
                    help="runtime: ONNX Runtime on CPU (default), TensorRT engines, or ONNX Runtime CUDA / TensorRT providers")
@@ -29,18 +31,20 @@ def register(sub) -> None:
 def main(args) -> int:
     from ..errors import InputError
     from ..runtime import load
+    from ..runtime.limits import check_options
 
     if len(args.args) > 2:
         raise InputError("expected [BUNDLE] PROMPT (quote a prompt that has spaces)")
     bundle, prompt = (Path(args.args[0]), args.args[1]) if len(args.args) == 2 else (DEFAULT_BUNDLE, args.args[0])
+    check_options(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any work
     model = load(bundle, threads=args.threads) if args.backend == "onnxruntime" else load(bundle, backend=args.backend)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, stop_at_eos=not args.no_stop_at_eos)
+                   seed=args.seed, stop_at_eos=not args.no_stop_at_eos, truncate=args.truncate_prompt)
     if args.json:
         print(json.dumps(model.generate(prompt, **options).to_json()))
         return 0
-    ids = model.encode(prompt)  # report bad input before printing anything
-    model.check_request(len(ids), args.max_new_tokens, args.temperature, args.top_p)
+    ids = model.prepare_prompt(prompt, args.max_new_tokens, args.truncate_prompt)
+    model.check_request(len(ids), args.max_new_tokens, args.temperature, args.top_p, args.seed)
     started = time.perf_counter()
     out = sys.stdout
     out.write(model.tokenizer.decode(ids) if model.tokenizer else "")

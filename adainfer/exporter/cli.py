@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli_common import run_main
+from ..cli_common import ArgumentParser, run_main
 from ..paths import DEFAULT_MODEL_DIR
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adainfer-export", description=__doc__)
+    p = ArgumentParser(prog="adainfer-export", description=__doc__)
     p.add_argument("model_dir", nargs="?", type=Path, default=None,
                    help=f"Hugging Face model directory (default: the bundled {DEFAULT_MODEL_DIR.name})")
     p.add_argument("-o", "--output", type=Path, default=None, help="bundle directory to write (default: bundles/<model name>)")

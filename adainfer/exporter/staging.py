@@ -1,74 +1,43 @@
-"""Write a directory atomically: build it beside the target, rename it into place when complete.
+"""The exporter's atomic directory writes: `adainfer.atomic` with `ExportError` as the error type.
 
 A crash, an exception or Ctrl-C leaves either the old complete directory or none. Temporary
 directories of processes that died (SIGKILL) are removed by the next write to the same target.
+`--force` replaces only a bundle (a directory with `manifest.json`) or an empty directory,
+and never the model directory being exported or one that contains it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Optional
 
+from .. import atomic
+from ..atomic import PARTIAL, checkpoint, remove_stale  # noqa: F401  (re-exported)
 from ..errors import ExportError
-
-PARTIAL = ".partial-"
-OLD = ".old-"
+from ..manifest import MANIFEST_NAME
 
 
 def check_target(target: Path, force: bool) -> None:
+    atomic.check_target(target, force, ExportError)
     target = Path(target)
-    if target.exists() and not force:
-        raise ExportError(f"output directory already exists: {target} (pass --force to replace it)")
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"output path exists and is not a directory: {target}")
+    if force and target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_NAME).exists():
+        raise ExportError(f"refusing to replace {target}: it is not a bundle (no {MANIFEST_NAME}); "
+                          f"choose another output directory")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale(target: Path) -> None:
-    """Remove leftovers of earlier writes to `target` whose process no longer runs."""
-    parent = target.parent
-    for marker in (PARTIAL, OLD):
-        for path in parent.glob(f".{target.name}{marker}*"):
-            try:
-                pid = int(path.name[len(target.name) + 1 + len(marker):].split("-")[0])
-            except ValueError:
-                continue
-            if not _pid_alive(pid):
-                shutil.rmtree(path, ignore_errors=True)
+def check_not_inside(target: Path, model_dir: Optional[Path]) -> None:
+    """Refuse an output directory that is the model directory or contains it."""
+    if model_dir is None:
+        return
+    target, model_dir = Path(target).absolute().resolve(), Path(model_dir).absolute().resolve()
+    if model_dir == target or target in model_dir.parents:
+        raise ExportError(f"output directory {target} would replace the model directory {model_dir}")
 
 
 @contextlib.contextmanager
 def staged_directory(target: Path, force: bool = False):
     """Yield an empty directory; on success it replaces `target`, on any failure it is removed."""
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}{os.getpid()}-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the bundle private
-    try:
+    check_target(target, force)
+    with atomic.staged_directory(target, force=force, error=ExportError) as tmp:
         yield tmp
-        check_target(target, force)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}{OLD}{os.getpid()}-", dir=target.parent))
-            os.rename(target, old / "bundle")
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -40,7 +40,7 @@ def load_model(model_dir: Path):
     """Load a model directory with safetensors weights only (never unpickling)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise ExportError(f"model directory not found: {model_dir}")
+        raise ExportError(f"model directory not found: {model_dir}" if not model_dir.exists() else f"not a directory: {model_dir}")
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ExportError(f"not a Hugging Face model directory (no config.json): {model_dir}")
@@ -50,9 +50,13 @@ def load_model(model_dir: Path):
         raise ExportError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise ExportError(f"{config_path}: no model_type")
+    if not isinstance(config["model_type"], str):
+        raise ExportError(f"{config_path}: model_type must be a string, got {json.dumps(config['model_type'])[:40]}")
     adapter_class_for(config["model_type"])  # refuse unsupported families before loading weights
     if not any(model_dir.glob("*.safetensors")):
         raise ExportError(f"{model_dir}: no .safetensors weights (pickled checkpoints are not loaded)")
+    if (model_dir / "tokenizer.json").exists():
+        _check_tokenizer(model_dir / "tokenizer.json")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     try:
@@ -66,6 +70,16 @@ def load_model(model_dir: Path):
     return model.eval()
 
 
+def _check_tokenizer(path: Path) -> None:
+    """Refuse a tokenizer.json the runtime could not read, before any work is done."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own exception type
+        raise ExportError(f"{path}: not a usable tokenizer ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
 def export(
     model_dir: Optional[Path] = None,
     out_dir: Optional[Path] = None,
@@ -77,6 +91,7 @@ def export(
     """Export a model directory (the bundled stories260K by default) to a bundle directory."""
     model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
     out_dir = Path(out_dir) if out_dir is not None else Path("bundles") / model_dir.name
+    staging.check_not_inside(out_dir, model_dir)
     staging.check_target(out_dir, force)
     model = load_model(model_dir)
     return export_model(model, out_dir, model_dir=model_dir, force=force, verify=verify, progress=progress)
@@ -95,6 +110,7 @@ def export_model(
 ) -> Manifest:
     """Export an already loaded `transformers` model; `model_dir` supplies tokenizer and config files."""
     out_dir = Path(out_dir)
+    staging.check_not_inside(out_dir, model_dir)
     staging.check_target(out_dir, force)
     model = model.eval().float()
     adapter = adapter_for(model)
@@ -104,6 +120,7 @@ def export_model(
         files = _copy_model_files(model, tmp, model_dir, tokenizer_file)
         manifest = _manifest(adapter, graphs, files)
         manifest.save(tmp)
+        staging.checkpoint("manifest")
         if verify:
             verify_against_transformers(model, tmp)
     return manifest
@@ -118,6 +135,7 @@ def _export_graphs(adapter: FamilyAdapter, tmp: Path, verify: bool, progress: bo
         if verify:
             verify_graph(gdef, path)
         specs[gdef.name] = _graph_spec(path)
+        staging.checkpoint(gdef.name)  # test hook (ADAINFER_TEST_KILL_AT / _PAUSE_AT), else a no-op
     return specs
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import BundleError, InputError
 from .bundle import Bundle, open_bundle
+from .limits import check_options, check_threads, fit_prompt, token_ids
 from .sampling import choose_token
 from .sessions import DEFAULT_PROVIDERS, make_session
 from .tokenizer import StreamDecoder, TextTokenizer
@@ -67,6 +68,8 @@ class Model:
         self.sessions = {name: make_session(bundle.graph_path(name), providers, threads) for name in m.graphs}
         self._inputs = {name: [i.name for i in s.get_inputs()] for name, s in self.sessions.items()}
         self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
+        for name, session in self.sessions.items():
+            bundle.check_session(name, session)  # the graphs' real interfaces match the manifest
         tok = bundle.tokenizer_path
         self.tokenizer = TextTokenizer(tok) if tok is not None else None
         self.num_layers = m.num_layers
@@ -151,7 +154,7 @@ class Model:
     # ------------------------------------------------------------------ text
 
     def check_ids(self, ids: Sequence[int]) -> list[int]:
-        ids = [int(i) for i in ids]
+        ids = token_ids(ids)
         if not ids:
             raise InputError("empty prompt")
         if len(ids) > self.manifest.max_positions:
@@ -173,11 +176,26 @@ class Model:
             return self.check_ids(self.tokenizer.encode(prompt))
         return self.check_ids(prompt)
 
+    def prepare_prompt(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 0,
+                       truncate: Optional[str] = None) -> list[int]:
+        """Token ids of a prompt with room for `max_new_tokens`: refused if too long, or with
+        `truncate="left"` cut to its most recent tokens (a leading BOS token is kept)."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InputError("empty prompt")
+            if self.tokenizer is None:
+                raise BundleError("this bundle has no tokenizer.json; pass token ids instead of text")
+            prompt = self.tokenizer.encode(prompt)
+        ids = fit_prompt(token_ids(prompt), self.manifest.max_positions, max_new_tokens, truncate, self.manifest.bos_token_id)
+        return self.check_ids(ids)
+
     def stream(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, seed: Optional[int] = None, stop_at_eos: bool = True) -> Iterator[StreamEvent]:
-        """Yield generated tokens one by one with their text increments."""
-        ids = self.encode(prompt)
-        self.check_request(len(ids), max_new_tokens, temperature, top_p)
+               top_p: float = 1.0, seed: Optional[int] = None, stop_at_eos: bool = True,
+               truncate: Optional[str] = None) -> Iterator[StreamEvent]:
+        """Yield generated tokens one by one with their text increments (`truncate`: see `prepare_prompt`)."""
+        check_options(max_new_tokens, temperature, top_p, seed)
+        ids = self.prepare_prompt(prompt, max_new_tokens, truncate)
+        self.check_request(len(ids), max_new_tokens, temperature, top_p, seed)
         rng = np.random.default_rng(seed)
         decoder = StreamDecoder(self.tokenizer, ids) if self.tokenizer is not None else None
         if decoder is not None:
@@ -193,10 +211,12 @@ class Model:
             logits = self.step(state, [token])
 
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: Optional[int] = None, stop_at_eos: bool = True) -> Generation:
-        """Generate a continuation; greedy by default (temperature 0)."""
+                 top_p: float = 1.0, seed: Optional[int] = None, stop_at_eos: bool = True,
+                 truncate: Optional[str] = None) -> Generation:
+        """Generate a continuation; greedy by default (temperature 0); `truncate`: see `prepare_prompt`."""
         started = time.perf_counter()
-        ids = self.encode(prompt)
+        check_options(max_new_tokens, temperature, top_p, seed)
+        ids = self.prepare_prompt(prompt, max_new_tokens, truncate)
         events = list(self.stream(ids, max_new_tokens, temperature, top_p, seed, stop_at_eos))
         tokens = [e.token for e in events]
         hit_eos = bool(tokens) and stop_at_eos and tokens[-1] in self.manifest.eos_token_ids
@@ -205,20 +225,17 @@ class Model:
                           layers_per_token=[e.layers for e in events], seconds=time.perf_counter() - started,
                           stop_reason="eos" if hit_eos else "max_new_tokens")
 
-    def check_request(self, prompt_len: int, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> None:
+    def check_request(self, prompt_len: int, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                      seed: Optional[int] = None) -> None:
         """Refuse generation options the model cannot honour, before any work is done."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        check_options(max_new_tokens, temperature, top_p, seed)
         if prompt_len + max_new_tokens > self.manifest.max_positions:
             raise InputError(f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds the model's "
                              f"{self.manifest.max_positions} positions")
-        if temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
          check_digests: bool = True) -> Model:
     """Load a bundle for inference with ONNX Runtime (CPU by default)."""
+    check_threads(threads)
     return Model(open_bundle(bundle_dir, check_digests=check_digests), providers=providers, threads=threads)
