@@ -25,6 +25,13 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "ort-cuda", "ort-trt"), default="onnxruntime",
                    help="runtime: ONNX Runtime on CPU (default), TensorRT engines, or ONNX Runtime CUDA / TensorRT providers")
+    p.add_argument("--mode", choices=("full", "early-exit", "speculative"), default="full",
+                   help="early-exit: each token stops where the calibrated classifier fires, skipped layers' caches "
+                        "filled from the exit state (approximate); speculative: early-exit drafts verified at full "
+                        "depth (lossless)")
+    p.add_argument("--kv-fill", choices=("propagate",), default="propagate",
+                   help="how layers skipped by an early exit get keys and values (early-exit and speculative drafts)")
+    p.add_argument("--max-draft", type=int, default=4, help="speculative: most tokens drafted per round")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -39,7 +46,8 @@ def main(args) -> int:
     check_options(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any work
     model = load(bundle, threads=args.threads) if args.backend == "onnxruntime" else load(bundle, backend=args.backend)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, stop_at_eos=not args.no_stop_at_eos, truncate=args.truncate_prompt)
+                   seed=args.seed, stop_at_eos=not args.no_stop_at_eos, truncate=args.truncate_prompt,
+                   mode=args.mode, max_draft=args.max_draft)
     if args.json:
         print(json.dumps(model.generate(prompt, **options).to_json()))
         return 0

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..cli_common import ArgumentParser, run_main
-from ..paths import DEFAULT_MODEL_DIR
+from ..paths import DEFAULT_CALIB_DATA, DEFAULT_MODEL_DIR
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,6 +18,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--no-verify", action="store_true", help="skip the checks against PyTorch and transformers")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--calib", type=Path, default=None, metavar="DATA",
+                   help="calibrate the early exit on this text file after export (the default model is calibrated "
+                        "on its bundled TinyStories sample unless --no-calib)")
+    p.add_argument("--no-calib", action="store_true", help="do not calibrate the default model")
     return p
 
 
@@ -32,6 +36,12 @@ def main(argv=None) -> int:
         manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet)
         print(f"wrote {out}: {manifest.family} ({manifest.model_type}), {manifest.num_layers} blocks, "
               f"hidden {manifest.hidden_size}, vocab {manifest.vocab_size}")
+        data = args.calib or (DEFAULT_CALIB_DATA if args.model_dir is None and not args.no_calib else None)
+        if data is not None:
+            from ..calib.calibrate import calibrate
+            from ..commands.calib import format_report
+
+            print(format_report(calibrate(out, data, progress=not args.quiet)))
         return 0
 
     return run_main("adainfer-export", body)

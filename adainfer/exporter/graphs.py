@@ -30,6 +30,17 @@ class ExitHead(nn.Module):
         return top.indices[:, 0], top.values[:, 0], top.values[:, 0] - top.values[:, 1]
 
 
+class KVFill(nn.Module):
+    """(hidden_states, position_ids) -> (key, value) of one layer: fills a skipped layer's cache."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
+        return self.block.project_kv(hidden_states, position_ids)
+
+
 @dataclass
 class GraphDef:
     name: str
@@ -90,6 +101,12 @@ def graph_defs(adapter: FamilyAdapter, seed: int = 0) -> list[GraphDef]:
     for i in range(geometry.num_layers):
         defs.append(GraphDef(f"block_{i:02d}", adapter.block(i), example_block_inputs(geometry, seed=seed + i),
                              ["hidden_states_out", "present_key", "present_value"], BLOCK_AXES))
+    for i in range(geometry.num_layers):
+        block_inputs = example_block_inputs(geometry, seed=seed + i)
+        defs.append(GraphDef(f"kv_fill_{i:02d}", KVFill(adapter.block(i)),
+                             {k: block_inputs[k] for k in ("hidden_states", "position_ids")}, ["key", "value"],
+                             {"hidden_states": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
+                              "key": {0: "batch", 2: "sequence"}, "value": {0: "batch", 2: "sequence"}}))
     head = adapter.head()
     rows = {0: "rows"}
     defs.append(GraphDef("exit_head", ExitHead(head), example_head_inputs(geometry, seed=seed),

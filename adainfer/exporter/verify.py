@@ -6,6 +6,7 @@ A bundle that does not reproduce the model is never renamed into place.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnxruntime as ort
@@ -18,8 +19,8 @@ from .graphs import GraphDef, example_block_inputs, example_head_inputs
 TOLERANCE = 1e-4
 
 
-def _close(name: str, what: str, got: np.ndarray, want: np.ndarray) -> None:
-    tol = TOLERANCE
+def _close(name: str, what: str, got: np.ndarray, want: np.ndarray, tol: Optional[float] = None) -> None:
+    tol = TOLERANCE if tol is None else tol
     if got.shape != want.shape:
         raise ExportError(f"verification failed: {name} {what} has shape {got.shape}, PyTorch gives {want.shape}")
     if got.dtype.kind in "iu":
@@ -39,6 +40,10 @@ def _cases(gdef: GraphDef) -> list[dict[str, torch.Tensor]]:
         geometry = _geometry_from(gdef)
         cases += [example_block_inputs(geometry, batch=1, seq=5, past=0, seed=7),
                   example_block_inputs(geometry, batch=3, seq=1, past=6, seed=8)]
+    elif gdef.name.startswith("kv_fill_"):
+        for batch, seq, seed in ((1, 5, 10), (3, 1, 11)):
+            case = example_block_inputs(_geometry_from(gdef), batch=batch, seq=seq, past=2, seed=seed)
+            cases.append({k: case[k] for k in gdef.inputs})
     elif gdef.name.endswith("_head"):
         cases.append(example_head_inputs(_geometry_from(gdef), rows=1, seed=9))
     return cases
@@ -57,7 +62,9 @@ def _geometry_from(gdef: GraphDef) -> _Geometry:
     return _Geometry(hidden)
 
 
-def verify_graph(gdef: GraphDef, path: Path) -> None:
+def verify_graph(gdef: GraphDef, path: Path, tolerance: Optional[float] = None) -> None:
+    """Outputs of the ONNX graph against the module's. With a looser `tolerance` (quantized graphs) an
+    integer output (the exit head's top-1 id) may differ only in rows whose reference `gap` is below it."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
     for case in _cases(gdef):
@@ -65,11 +72,15 @@ def verify_graph(gdef: GraphDef, path: Path) -> None:
             expected = gdef.module(*case.values())
         expected = expected if isinstance(expected, tuple) else (expected,)
         got = session.run(gdef.outputs, {k: v.numpy() for k, v in case.items() if k in wanted})
+        expected = [e.detach().numpy() for e in expected]
+        if tolerance is not None and tolerance > TOLERANCE and "gap" in gdef.outputs:
+            near_tie = expected[gdef.outputs.index("gap")] < tolerance
+            got = [np.where(near_tie, e, g) if g.dtype.kind in "iu" else g for g, e in zip(got, expected)]
         for out_name, g, e in zip(gdef.outputs, got, expected):
-            _close(gdef.name, out_name, g, e.detach().numpy())
+            _close(gdef.name, out_name, g, e, tolerance)
 
 
-def verify_against_transformers(model, bundle_dir: Path, seed: int = 0) -> None:
+def verify_against_transformers(model, bundle_dir: Path, seed: int = 0, tolerance: Optional[float] = None) -> None:
     """Last-position logits of the ONNX chain equal the model's own forward on a padded batch."""
     from ..runtime import load
 
@@ -81,4 +92,4 @@ def verify_against_transformers(model, bundle_dir: Path, seed: int = 0) -> None:
     for row, ids in enumerate(prompts):
         with torch.no_grad():
             want = model(torch.tensor([ids])).logits[0, -1].float().numpy()
-        _close("chain", f"last-position logits (prompt {row})", got[row], want)
+        _close("chain", f"last-position logits (prompt {row})", got[row], want, tolerance)

@@ -237,7 +237,8 @@ def _manifest(adapter: FamilyAdapter, graphs: dict[str, GraphSpec], files: dict)
         graphs=graphs,
         files=files,
         macs=Macs(embed=adapter.embed_macs(), blocks=[adapter.block_macs(i) for i in range(g.num_layers)],
-                  exit_head=adapter.head_macs(), final_head=adapter.head_macs()),
+                  exit_head=adapter.head_macs(), final_head=adapter.head_macs(),
+                  kv_fill=[adapter.kv_fill_macs(i) for i in range(g.num_layers)]),
         exporter=ExporterInfo(adainfer=__version__, torch=torch.__version__, transformers=transformers.__version__,
                               onnx=onnx.__version__, opset=OPSET),
     )

@@ -28,10 +28,22 @@ class DecodeState:
     values: list[np.ndarray]
     attention_mask: np.ndarray  # (batch, total_length) int64, 0 = padding
     next_position: np.ndarray  # (batch,) int64
+    complete_layers: Optional[int] = None  # < num_layers after an early exit: upper caches lack the last step
 
     @property
     def length(self) -> int:
         return self.attention_mask.shape[1]
+
+
+@dataclass
+class LayerRun:
+    """Where a pass through the blocks ended: hidden states (batch, seq, hidden) after `exit_layer`."""
+
+    hidden: np.ndarray
+    position_ids: np.ndarray
+    exit_layer: int
+    decisions: int
+    token: Optional[np.ndarray]  # top-1 ids from the exit head when it decided, else None
 
 
 @dataclass
@@ -45,11 +57,27 @@ class Generation:
     layers_per_token: list[int]
     seconds: float
     stop_reason: str
+    mode: str = "full"
+    macs_per_token: float = 0.0  # blocks, heads, exit decisions and cache fills, averaged over new tokens
+    decision_macs_per_token: float = 0.0
+    acceptance_rate: Optional[float] = None  # speculative: accepted drafts / drafted tokens
+    rejected_rounds: Optional[int] = None
+
+    @property
+    def mean_layers_per_token(self) -> float:
+        return float(np.mean(self.layers_per_token)) if self.layers_per_token else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
                 "new_tokens": self.new_tokens, "layers_per_token": self.layers_per_token,
-                "seconds": self.seconds, "stop_reason": self.stop_reason}
+                "seconds": self.seconds, "stop_reason": self.stop_reason, "mode": self.mode,
+                "mean_layers_per_token": self.mean_layers_per_token, "macs_per_token": self.macs_per_token,
+                "decision_macs_per_token": self.decision_macs_per_token, "acceptance_rate": self.acceptance_rate,
+                "rejected_rounds": self.rejected_rounds, "tokens_per_second": self.tokens_per_second}
 
 
 @dataclass
@@ -74,6 +102,7 @@ class Model:
         self.tokenizer = TextTokenizer(tok) if tok is not None else None
         self.num_layers = m.num_layers
         self.session_calls: dict[str, int] = {name: 0 for name in m.graphs}
+        self._decider = None  # the calibrated exit decider, loaded on first early-exit use
 
     # ------------------------------------------------------------------ graphs
 
@@ -105,15 +134,35 @@ class Model:
 
     def forward(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray) -> np.ndarray:
         """Feed `input_ids` (batch, seq) through every block; returns the last position's logits."""
-        batch, seq = input_ids.shape
+        return self.final_logits(self.run_layers(input_ids, state, step_mask).hidden[:, -1, :])
+
+    def run_layers(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray, decider=None) -> "LayerRun":
+        """Embed and run the blocks in order; with a `decider` (early exit), stop where it says."""
         state.attention_mask = np.concatenate([state.attention_mask, step_mask], axis=1)
         position_ids = state.next_position[:, None] + np.cumsum(step_mask, axis=1) - 1
         position_ids = np.maximum(position_ids, 0).astype(np.int64)
         state.next_position = state.next_position + step_mask.sum(axis=1)
 
         hidden = self.embed(input_ids, position_ids)
-        for layer in range(self.num_layers):
-            hidden = self.block(layer, hidden, position_ids, state)
+        previous = hidden[:, -1, :]
+        decisions = 0
+        for layer in range(1, self.num_layers + 1):
+            hidden = self.block(layer - 1, hidden, position_ids, state)
+            if decider is not None and decider.evaluates(layer):
+                decisions += 1
+                decision = decider.decide(layer, hidden[:, -1, :], previous)
+                if decision.stop:
+                    state.complete_layers = layer
+                    return LayerRun(hidden, position_ids, layer, decisions, decision.token)
+            previous = hidden[:, -1, :]
+        return LayerRun(hidden, position_ids, self.num_layers, decisions, None)
+
+    def finish_layers(self, run: "LayerRun", state: DecodeState) -> np.ndarray:
+        """Run the blocks an early exit skipped, so the KV cache is complete again; returns last logits."""
+        hidden = run.hidden
+        for layer in range(run.exit_layer + 1, self.num_layers + 1):
+            hidden = self.block(layer - 1, hidden, run.position_ids, state)
+        state.complete_layers = self.num_layers
         return self.final_logits(hidden[:, -1, :])
 
     def new_state(self, batch: int) -> DecodeState:
@@ -143,6 +192,8 @@ class Model:
         if ids.shape[0] != state.attention_mask.shape[0]:
             raise InputError(f"step got {ids.shape[0]} tokens for a batch of {state.attention_mask.shape[0]}")
         self._check_range(ids.ravel().tolist())
+        if state.complete_layers not in (None, self.num_layers):
+            raise InputError("this state ended in an early exit; call finish_layers before decoding further")
         if state.length + 1 > self.manifest.max_positions:
             raise InputError(f"context would exceed the model's {self.manifest.max_positions} positions")
         return self.forward(ids, state, np.ones_like(ids))
@@ -191,7 +242,8 @@ class Model:
 
     def stream(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                top_p: float = 1.0, seed: Optional[int] = None, stop_at_eos: bool = True,
-               truncate: Optional[str] = None) -> Iterator[StreamEvent]:
+               truncate: Optional[str] = None, mode: str = "full", max_draft: int = 4,
+               stats: Optional[dict] = None, policy=None) -> Iterator[StreamEvent]:
         """Yield generated tokens one by one with their text increments (`truncate`: see `prepare_prompt`)."""
         check_options(max_new_tokens, temperature, top_p, seed)
         ids = self.prepare_prompt(prompt, max_new_tokens, truncate)
@@ -202,28 +254,64 @@ class Model:
             decoder.start()
         if max_new_tokens == 0:
             return
-        state, logits = self.start([ids])
-        for index in range(max_new_tokens):
-            token = choose_token(logits[0], temperature, top_p, rng)
-            yield StreamEvent(token=token, text=decoder.push(token) if decoder else "", layers=self.num_layers)
+        from .decoding import Sampler, make_decoder
+
+        decider = None
+        if mode != "full":
+            from .early_exit import ExitDecider
+
+            decider = ExitDecider(self, policy) if policy is not None else self.decider()
+        generator = make_decoder(self, mode, Sampler(temperature, top_p, rng), decider, max_draft)
+        for index, emission in enumerate(generator.run(ids)):
+            token = emission.token
+            if stats is not None:
+                for key, value in (("macs", emission.macs), ("decision_macs", emission.decision_macs),
+                                   ("layers", emission.layers)):
+                    stats[key] = stats.get(key, 0.0) + value
+                stats["acceptance_rate"] = getattr(generator, "acceptance_rate", None)
+                stats["rejected_rounds"] = getattr(generator, "rejected_rounds", None)
+            yield StreamEvent(token=token, text=decoder.push(token) if decoder else "", layers=emission.layers)
             if (stop_at_eos and token in self.manifest.eos_token_ids) or index == max_new_tokens - 1:
                 return
-            logits = self.step(state, [token])
+
+    def decider(self):
+        """The bundle's calibrated exit decider (None if the bundle was never calibrated)."""
+        if self._decider is None:
+            from .early_exit import bundle_decider
+
+            self._decider = bundle_decider(self)
+        return self._decider
+
+    @property
+    def has_kv_fill(self) -> bool:
+        return self.num_layers == 0 or "kv_fill_00" in self.sessions
+
+    def kv_fill(self, layer: int, hidden: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Layer `layer`'s (1-based) keys and values for `hidden`, from its norm and K/V projections."""
+        key, value = self._run(f"kv_fill_{layer - 1:02d}", hidden_states=hidden, position_ids=position_ids)
+        return key, value
 
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: Optional[int] = None, stop_at_eos: bool = True,
-                 truncate: Optional[str] = None) -> Generation:
-        """Generate a continuation; greedy by default (temperature 0); `truncate`: see `prepare_prompt`."""
+                 truncate: Optional[str] = None, mode: str = "full", max_draft: int = 4, policy=None) -> Generation:
+        """Generate a continuation; greedy by default (temperature 0); `truncate`: see `prepare_prompt`.
+        `mode`: full, early-exit or speculative (see `runtime.decoding`); `policy` overrides the bundle's exit."""
         started = time.perf_counter()
         check_options(max_new_tokens, temperature, top_p, seed)
         ids = self.prepare_prompt(prompt, max_new_tokens, truncate)
-        events = list(self.stream(ids, max_new_tokens, temperature, top_p, seed, stop_at_eos))
+        stats: dict = {}
+        events = list(self.stream(ids, max_new_tokens, temperature, top_p, seed, stop_at_eos, mode=mode,
+                                  max_draft=max_draft, stats=stats, policy=policy))
         tokens = [e.token for e in events]
         hit_eos = bool(tokens) and stop_at_eos and tokens[-1] in self.manifest.eos_token_ids
         text = self.tokenizer.decode(ids + tokens) if self.tokenizer is not None else ""
+        count = max(1, len(tokens))
         return Generation(text=text, tokens=tokens, prompt_tokens=len(ids), new_tokens=len(tokens),
                           layers_per_token=[e.layers for e in events], seconds=time.perf_counter() - started,
-                          stop_reason="eos" if hit_eos else "max_new_tokens")
+                          stop_reason="eos" if hit_eos else "max_new_tokens", mode=mode,
+                          macs_per_token=stats.get("macs", 0.0) / count,
+                          decision_macs_per_token=stats.get("decision_macs", 0.0) / count,
+                          acceptance_rate=stats.get("acceptance_rate"), rejected_rounds=stats.get("rejected_rounds"))
 
     def check_request(self, prompt_len: int, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                       seed: Optional[int] = None) -> None:

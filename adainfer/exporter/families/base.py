@@ -5,6 +5,8 @@ An adapter wraps a loaded Hugging Face model and hands out, for export:
 - `block(i)`: (hidden_states, position_ids, attention_mask, past_key, past_value)
   -> (hidden_states, present_key, present_value)
 - `head()`: hidden_states (rows, hidden) -> logits (rows, vocab): final norm + LM head
+- each block module's `project_kv(hidden_states, position_ids)` -> (key, value): the layer's
+  cache entries for a hidden state, used to fill layers an early exit skipped
 plus the geometry and per-token multiply-accumulate counts the manifest records.
 """
 
@@ -63,6 +65,10 @@ class FamilyAdapter(ABC):
 
     @abstractmethod
     def head_macs(self) -> int: ...
+
+    @abstractmethod
+    def kv_fill_macs(self, index: int) -> int:
+        """MACs per token of layer `index`'s key/value projections (a kv_fill graph)."""
 
     def embed_macs(self) -> int:
         return 0

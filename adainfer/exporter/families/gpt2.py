@@ -38,6 +38,11 @@ class GPT2Block(nn.Module):
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
         return hidden_states, present_key, present_value
 
+    def project_kv(self, hidden_states, position_ids):
+        """This layer's keys and values for `hidden_states` (the k and v thirds of c_attn)."""
+        _, k, v = self.c_attn(self.ln_1(hidden_states)).chunk(3, dim=-1)
+        return split_heads(k, self.head_dim), split_heads(v, self.head_dim)
+
 
 class GPT2Adapter(FamilyAdapter):
     name = "gpt2"
@@ -79,3 +84,6 @@ class GPT2Adapter(FamilyAdapter):
 
     def head_macs(self) -> int:
         return matmul_macs(self.model.lm_head.weight)
+
+    def kv_fill_macs(self, index: int) -> int:
+        return 2 * self.config.n_embd * self.config.n_embd  # two thirds of c_attn (the fused graph computes all three)

@@ -56,6 +56,13 @@ class LlamaBlock(nn.Module):
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, present_key, present_value
 
+    def project_kv(self, hidden_states, position_ids):
+        """This layer's keys and values for `hidden_states` (CALM's state propagation fills skipped layers so)."""
+        x = self.input_layernorm(hidden_states)
+        k = split_heads(self.k_proj(x), self.head_dim)
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, self.rope_scaling)
+        return apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype)), split_heads(self.v_proj(x), self.head_dim)
+
 
 class LlamaAdapter(FamilyAdapter):
     name = "llama"
@@ -113,3 +120,7 @@ class LlamaAdapter(FamilyAdapter):
 
     def head_macs(self) -> int:
         return matmul_macs(self.model.lm_head.weight)
+
+    def kv_fill_macs(self, index: int) -> int:
+        a = self._decoder.layers[index].self_attn
+        return matmul_macs(a.k_proj.weight, a.v_proj.weight)

@@ -53,6 +53,11 @@ class OPTBlock(nn.Module):
             hidden_states = self.final_layer_norm(hidden_states)
         return hidden_states, present_key, present_value
 
+    def project_kv(self, hidden_states, position_ids):
+        """This layer's keys and values for `hidden_states`."""
+        x = self.self_attn_layer_norm(hidden_states) if self.pre_norm else hidden_states
+        return split_heads(self.k_proj(x), self.head_dim), split_heads(self.v_proj(x), self.head_dim)
+
 
 class OPTAdapter(FamilyAdapter):
     name = "opt"
@@ -90,6 +95,10 @@ class OPTAdapter(FamilyAdapter):
         constant = matmul_macs(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.out_proj.weight,
                                layer.fc1.weight, layer.fc2.weight)
         return MacCount(constant=constant, per_context_token=self.attention_macs_per_context_token())
+
+    def kv_fill_macs(self, index: int) -> int:
+        a = self._decoder.layers[index].self_attn
+        return matmul_macs(a.k_proj.weight, a.v_proj.weight)
 
     def head_macs(self) -> int:
         p = self._decoder.project_out
