@@ -172,3 +172,44 @@ def test_data_file_errors(tmp_path, stories_bundle):
         load_dataset(tsv, "sst2", encode)
     rc, out, err = run_cli("adainfer", "calib", str(stories_bundle), "--data", str(bad))
     assert rc == 2 and err.strip().count("\n") == 0 and "invalid UTF-8" in err
+
+
+def _one_line_error(rc, err, needle):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err and needle in lines[0], err
+
+
+def test_calib_and_eval_bad_input(stories_bundle, calibrated, tmp_path):
+    rc, _, err = run_cli("adainfer", "eval", str(stories_bundle), "--data", str(HELDOUT_TEXT))
+    _one_line_error(rc, err, "has no exit policy")
+    rc, _, err = run_cli("adainfer", "calib", str(tmp_path / "none"))
+    _one_line_error(rc, err, "bundle directory not found")
+    rc, _, err = run_cli("adainfer", "calib", str(stories_bundle), "--target-agreement", "1.5")
+    _one_line_error(rc, err, "--target-agreement must be in (0, 1]")
+    rc, _, err = run_cli("adainfer", "calib", str(stories_bundle), "--data", str(tmp_path / "missing.txt"))
+    _one_line_error(rc, err, "data file not found")
+    csv = tmp_path / "news.csv"
+    csv.write_text("label,title,description\n1,only two\n")
+    rc, _, err = run_cli("adainfer", "calib", str(stories_bundle), "--task", "agnews", "--data", str(csv))
+    _one_line_error(rc, err, "news.csv:2: expected 3 columns")
+    rc, _, err = run_cli("adainfer", "run", str(stories_bundle), "Once upon a time", "--mode", "speculative")
+    _one_line_error(rc, err, "has no exit policy")
+
+
+def test_policy_from_another_export_is_refused(calibrated, stories_bundle, tmp_path):
+    import dataclasses as dc
+
+    from adainfer.errors import BundleError
+
+    bundle, _ = calibrated
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    policy = load_policy(rt.load(copy))
+    tampered = dc.replace(policy, extras={**policy.extras, "manifest_digest": "0" * 64})
+    from adainfer.atomic import staged_update
+
+    with staged_update(copy) as update:
+        tampered.save(update.path("exit_policy.json"))
+        rt.load(copy, check_digests=False).manifest.attach("exit_policy", update.dir, "exit_policy.json").save(update.dir)
+    with pytest.raises(BundleError, match="calibrated for another export"):
+        load_policy(rt.load(copy))

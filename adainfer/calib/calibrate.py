@@ -211,7 +211,8 @@ def _write(bundle_dir: Path, model, winner: Candidate, held: FeatureTable, lowra
     with staged_update(bundle_dir) as update:
         fields = clfs.to_onnx(fitted, update.path("classifier.onnx"), x_check)
         names = {"classifier": "classifier.onnx"}
-        policy = dataclasses.replace(policy, classifier_file="classifier.onnx", **{k: v for k, v in fields.items() if k != "max_score_error"})
+        policy = dataclasses.replace(policy, classifier_file="classifier.onnx", **{k: v for k, v in fields.items() if k != "max_score_error"},
+                                     extras={**policy.extras, "manifest_digest": manifest.digest()})
         if policy.head == "lowrank":
             update.path("exit_head_lowrank.onnx").write_bytes(lowrank_path.read_bytes())
             names["exit_head_lowrank"] = "exit_head_lowrank.onnx"

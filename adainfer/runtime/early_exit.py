@@ -148,7 +148,12 @@ def load_policy(model) -> Optional[ExitPolicy]:
     spec = model.manifest.attachments.get("exit_policy")
     if spec is None:
         return None
-    return ExitPolicy.load(model.bundle.root / spec.file)
+    policy = ExitPolicy.load(model.bundle.root / spec.file)
+    recorded = policy.extras.get("manifest_digest")
+    if recorded != model.manifest.digest():  # a policy copied in from another export
+        raise BundleError(f"{spec.file} was calibrated for another export of this model "
+                          f"(manifest digest {str(recorded)[:12]}); run `adainfer calib` again")
+    return policy
 
 
 def bundle_decider(model) -> Optional[ExitDecider]:
