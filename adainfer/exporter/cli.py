@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..cli_common import ArgumentParser, run_main
 from ..paths import DEFAULT_CALIB_DATA, DEFAULT_MODEL_DIR
+from .quantize import PRECISIONS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,6 +19,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--no-verify", action="store_true", help="skip the checks against PyTorch and transformers")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="precision of the block graphs (ONNX Runtime): fp16 keeps norms, softmax and the residual stream "
+                        "in float32; int8-weight is weight-only (MatMulNBits); int8-dynamic quantizes activations per call "
+                        "(MatMulInteger). Default: fp32")
+    p.add_argument("--quantize-heads", action="store_true",
+                   help="convert the embedding and both heads to --precision too (default: they stay fp32)")
     p.add_argument("--calib", type=Path, default=None, metavar="DATA",
                    help="calibrate the early exit on this text file after export (the default model is calibrated "
                         "on its bundled TinyStories sample unless --no-calib)")
@@ -33,7 +40,8 @@ def main(argv=None) -> int:
 
         model_dir = args.model_dir or DEFAULT_MODEL_DIR
         out = args.output or Path("bundles") / model_dir.name
-        manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet)
+        manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet,
+                          precision=args.precision, quantize_heads=args.quantize_heads)
         print(f"wrote {out}: {manifest.family} ({manifest.model_type}), {manifest.num_layers} blocks, "
               f"hidden {manifest.hidden_size}, vocab {manifest.vocab_size}")
         data = args.calib or (DEFAULT_CALIB_DATA if args.model_dir is None and not args.no_calib else None)

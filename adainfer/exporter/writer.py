@@ -6,6 +6,7 @@ into place only when complete: an interrupted or failed export leaves no bundle 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -21,7 +22,7 @@ from .. import __version__
 from ..errors import ExportError
 from ..manifest import SCHEMA_VERSION, ExporterInfo, GraphSpec, Macs, Manifest, TensorSpec, file_spec, sha256_of
 from ..paths import DEFAULT_MODEL_DIR
-from . import staging
+from . import quantize, staging
 from .families import FamilyAdapter, adapter_class_for, adapter_for
 from .graphs import GraphDef, graph_defs
 from .verify import verify_against_transformers, verify_graph
@@ -87,14 +88,18 @@ def export(
     force: bool = False,
     verify: bool = True,
     progress: bool = True,
+    precision: str = "fp32",
+    quantize_heads: bool = False,
 ) -> Manifest:
     """Export a model directory (the bundled stories260K by default) to a bundle directory."""
+    quantize.check_precision(precision)
     model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
     out_dir = Path(out_dir) if out_dir is not None else Path("bundles") / model_dir.name
     staging.check_not_inside(out_dir, model_dir)
     staging.check_target(out_dir, force)
     model = load_model(model_dir)
-    return export_model(model, out_dir, model_dir=model_dir, force=force, verify=verify, progress=progress)
+    return export_model(model, out_dir, model_dir=model_dir, force=force, verify=verify, progress=progress,
+                        precision=precision, quantize_heads=quantize_heads)
 
 
 def export_model(
@@ -107,8 +112,16 @@ def export_model(
     verify: bool = True,
     progress: bool = False,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    precision: str = "fp32",
+    quantize_heads: bool = False,
 ) -> Manifest:
-    """Export an already loaded `transformers` model; `model_dir` supplies tokenizer and config files."""
+    """Export an already loaded `transformers` model; `model_dir` supplies tokenizer and config files.
+
+    `precision` other than fp32 converts the block graphs (and with `quantize_heads` the embedding
+    and heads) after the float32 bundle was exported and verified, then verifies them again at
+    the looser tolerance `quantize.TOLERANCES` states.
+    """
+    quantize.check_precision(precision)
     out_dir = Path(out_dir)
     staging.check_not_inside(out_dir, model_dir)
     staging.check_target(out_dir, force)
@@ -123,6 +136,32 @@ def export_model(
         staging.checkpoint("manifest")
         if verify:
             verify_against_transformers(model, tmp)
+        if precision != "fp32":
+            manifest = _quantize_graphs(model, adapter, tmp, manifest, precision, quantize_heads, verify, external_data_threshold)
+    return manifest
+
+
+def _quantize_graphs(model, adapter: FamilyAdapter, tmp: Path, manifest: Manifest, precision: str, heads: bool,
+                     verify: bool, threshold: int) -> Manifest:
+    """Convert the verified float32 graphs in place, re-verify them, rewrite the manifest."""
+    defs = {gdef.name: gdef for gdef in graph_defs(adapter)}
+    graphs = dict(manifest.graphs)
+    tolerance = quantize.TOLERANCES[precision]
+    for name, spec in manifest.graphs.items():
+        if not (name in manifest.block_names or (heads and name in ("embed", "exit_head", "final_head"))):
+            continue
+        path = tmp / spec.file
+        quantize.convert(path, path, precision, external_data_threshold=threshold)
+        if verify:
+            with torch.no_grad():
+                verify_graph(defs[name], path, tolerance=tolerance["graph"])
+        graphs[name] = dataclasses.replace(_graph_spec(path), precision=precision)
+    info = {"precision": precision, "quantize_heads": heads, "tolerance": tolerance, "verified": verify,
+            "onnxruntime": quantize.ort_version()}
+    manifest = dataclasses.replace(manifest, graphs=graphs, extras={**manifest.extras, "quantization": info})
+    manifest.save(tmp)
+    if verify:
+        verify_against_transformers(model, tmp, tolerance=tolerance["chain"])
     return manifest
 
 

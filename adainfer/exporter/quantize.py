@@ -1,0 +1,257 @@
+"""ONNX-to-ONNX precision conversion of a bundle graph (ONNX Runtime targets).
+
+One job: read a float32 graph, write the same graph at another precision. Inputs and
+outputs stay float32 (and int64), so the runtime and the KV cache are unchanged.
+
+| precision      | what changes                                                                 |
+|----------------|------------------------------------------------------------------------------|
+| `fp32`         | nothing                                                                       |
+| `fp16`         | weight MatMuls/Gemms (and the embedding Gather) run in float16 with float16    |
+|                | weights, between Casts; norms, rotary, softmax, the residual stream            |
+|                | and every graph input/output stay float32                                     |
+| `int8-weight`  | weight-only: MatMuls with constant weights become `MatMulNBits` (8 bits,       |
+|                | symmetric, blocks of 32 along K); the embedding table becomes 8-bit +         |
+|                | `DequantizeLinear`; activations stay float32                                   |
+| `int8-dynamic` | `quantize_dynamic`: weights int8 per output channel, activations quantized     |
+|                | per call (`DynamicQuantizeLinear` -> `MatMulInteger`); only MatMuls with a     |
+|                | constant B (attention scores stay float32)                                    |
+
+For the int8 precisions a Gemm with a constant B (GPT-2's Conv1D) is first rewritten as
+MatMul + Add, since neither quantizer converts Gemm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+
+from ..errors import ExportError
+
+PRECISIONS = ("fp32", "fp16", "int8-weight", "int8-dynamic")
+#: block size along K of the 8-bit weight-only MatMulNBits
+NBITS_BLOCK_SIZE = 32
+#: op types that carry weights and are converted; everything else stays float32
+WEIGHT_OPS = ("MatMul", "Gemm", "Gather")
+
+
+#: stated verification tolerances, relative to the reference's largest magnitude (floor 1), as in
+#: `verify.TOLERANCE` (1e-4 for float32): "graph" for each converted graph against its PyTorch
+#: module on random inputs, "chain" for the bundle's last-position logits against transformers.
+#: They catch a broken conversion, not a small loss of quality (tools/quant_study.py measures
+#: that); seen on stories260K: chain 5e-4 (fp16), 1.2e-2 (int8-weight), 7e-2 (int8-dynamic).
+TOLERANCES = {
+    "fp32": {"graph": 1e-4, "chain": 1e-4},
+    "fp16": {"graph": 2e-3, "chain": 1e-2},
+    "int8-weight": {"graph": 5e-2, "chain": 5e-2},
+    "int8-dynamic": {"graph": 1e-1, "chain": 2e-1},
+}
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    return precision
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """MatMul/Gemm nodes whose B is a float initializer, Gather nodes whose table is one."""
+    inits = _initializers(model)
+    found = []
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits:
+            weight = inits[node.input[1]]
+        elif node.op_type == "Gather" and node.input and node.input[0] in inits:
+            weight = inits[node.input[0]]
+        else:
+            continue
+        if weight.data_type == onnx.TensorProto.FLOAT and len(weight.dims) == 2:
+            found.append(node)
+    return found
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node a unique name (the converters select nodes by name)."""
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_adainfer_{i}"
+        seen.add(node.name)
+    return model
+
+
+def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weight nodes in float16 between Casts; every other node and tensor stays float32.
+
+    Written here rather than with onnxconverter-common: its `convert_float_to_float16` with a
+    node block list declared float32 outputs as float16 (rejected by ONNX Runtime) and, with an
+    op block list, did not finish on a 5-layer block graph.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = _initializers(model)
+    half: dict[str, str] = {}  # float32 initializer -> its float16 copy
+    nodes = []
+    targets = {n.name for n in weight_nodes(model)}  # names are unique (see _named)
+
+    def fp16_weight(name: str) -> str:
+        if name not in half:
+            half[name] = f"{name}_fp16"
+            array = numpy_helper.to_array(inits[name]).astype("float16")
+            model.graph.initializer.append(numpy_helper.from_array(array, half[name]))
+        return half[name]
+
+    for node in model.graph.node:
+        if node.name not in targets:
+            nodes.append(node)
+            continue
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        del new.input[:]
+        for slot, name in enumerate(node.input):
+            if name in inits and not (node.op_type == "Gather" and slot == 1):
+                new.input.append(fp16_weight(name))
+            elif node.op_type == "Gather" and slot == 1:
+                new.input.append(name)  # indices
+            else:
+                cast = f"{name}_to_fp16_{node.name}"
+                nodes.append(helper.make_node("Cast", [name], [cast], to=TensorProto.FLOAT16, name=f"{node.name}_cast_in{slot}"))
+                new.input.append(cast)
+        del new.output[:]
+        new.output.append(f"{node.output[0]}_fp16")
+        nodes.append(new)
+        nodes.append(helper.make_node("Cast", [new.output[0]], [node.output[0]], to=TensorProto.FLOAT, name=f"{node.name}_cast_out"))
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite Gemm with a constant B (GPT-2's Conv1D) as MatMul + Add, which the int8 quantizers handle."""
+    from onnx import helper, numpy_helper
+
+    inits = _initializers(model)
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        b_name = node.input[1]
+        if attrs.get("transB", 0):
+            b_name = f"{b_name}_transposed"
+            model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[node.input[1]]).T.copy(), b_name))
+        product = node.output[0] if len(node.input) < 3 else f"{node.output[0]}_matmul"
+        nodes.append(helper.make_node("MatMul", [node.input[0], b_name], [product], name=f"{node.name}_matmul"))
+        if len(node.input) > 2:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def _to_int8_dynamic(src: Path, dst: Path, model: onnx.ModelProto) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = [n.name for n in weight_nodes(model)]
+    quantize_dynamic(src, dst, op_types_to_quantize=list(WEIGHT_OPS), nodes_to_quantize=nodes, per_channel=True,
+                     weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+
+
+def _to_int8_weight(src: Path, dst: Path, model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    matmuls = [n.name for n in weight_nodes(model) if n.op_type == "MatMul"]
+    gathers = [n.name for n in weight_nodes(model) if n.op_type == "Gather"]
+    if gathers:  # an int8 table + DequantizeLinear after the Gather: weight-only by construction
+        quantize_dynamic(src, dst, op_types_to_quantize=["Gather"], nodes_to_quantize=gathers,
+                         weight_type=QuantType.QInt8)
+        model = _named(onnx.load(str(dst)))
+    if matmuls:
+        config = DefaultWeightOnlyQuantConfig(block_size=NBITS_BLOCK_SIZE, is_symmetric=True, bits=8,
+                                              op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=NBITS_BLOCK_SIZE, is_symmetric=True,
+                                         nodes_to_include=matmuls, op_types_to_quantize=("MatMul",), algo_config=config)
+        quantizer.process()
+        model = quantizer.model.model
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The quantizers log to the root logger and print progress bars; keep the export's output clean."""
+    disabled = logging.root.manager.disable
+    logging.disable(max(disabled, logging.WARNING))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(disabled)
+
+
+def convert(src: Path, dst: Path, precision: str, external_data_threshold: int = 1 << 30) -> None:
+    """Write `src` (a float32 graph) to `dst` at `precision`; `src` and `dst` may be the same file.
+
+    `dst` keeps its weights in `<dst name>.data` (ONNX external data) when they exceed
+    `external_data_threshold`; a `.data` file of `src` that `dst` no longer uses is removed.
+    """
+    check_precision(precision)
+    src, dst = Path(src), Path(dst)
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as scratch:
+        scratch = Path(scratch)
+        named_src = scratch / "src.onnx"
+        out = scratch / "out.onnx"
+        model = _named(onnx.load(str(src)))
+        if precision.startswith("int8"):
+            model = gemm_to_matmul(model)
+        onnx.save_model(model, str(named_src), save_as_external_data=True, location="src.onnx.data", size_threshold=1024)
+        model = onnx.load(str(named_src))  # saving moved the weights out of `model`: read them back
+        try:
+            with _quiet():
+                if precision == "fp32":
+                    result = model
+                elif precision == "fp16":
+                    result = _to_fp16(model)
+                elif precision == "int8-dynamic":
+                    _to_int8_dynamic(named_src, out, model)
+                    result = onnx.load(str(out))
+                else:
+                    result = _to_int8_weight(named_src, out, model)
+            weight_bytes = sum(len(t.raw_data) for t in result.graph.initializer)
+            for stale in (src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")):
+                stale.unlink(missing_ok=True)
+            if weight_bytes > external_data_threshold:
+                onnx.save_model(result, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=f"{dst.name}.data", size_threshold=1024)
+            else:
+                onnx.save_model(result, str(dst))
+            onnx.checker.check_model(str(dst))
+        except ExportError:
+            raise
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ExportError(f"converting {src.name} to {precision} failed: {first}") from None
