@@ -25,6 +25,8 @@ def parser() -> argparse.ArgumentParser:
                         "(MatMulInteger). Default: fp32")
     p.add_argument("--quantize-heads", action="store_true",
                    help="convert the embedding and both heads to --precision too (default: they stay fp32)")
+    p.add_argument("--monolithic", action="store_true",
+                   help="also write the whole model as one ONNX graph with KV cache (model.onnx), the baseline of `adainfer bench`")
     p.add_argument("--calib", type=Path, default=None, metavar="DATA",
                    help="calibrate the early exit on this text file after export (the default model is calibrated "
                         "on its bundled TinyStories sample unless --no-calib)")
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
 
         model_dir = args.model_dir or DEFAULT_MODEL_DIR
         out = args.output or Path("bundles") / model_dir.name
-        manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet,
+        manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet, monolithic=args.monolithic,
                           precision=args.precision, quantize_heads=args.quantize_heads)
         print(f"wrote {out}: {manifest.family} ({manifest.model_type}), {manifest.num_layers} blocks, "
               f"hidden {manifest.hidden_size}, vocab {manifest.vocab_size}")

@@ -22,6 +22,7 @@ from .. import __version__
 from ..errors import ExportError
 from ..manifest import SCHEMA_VERSION, ExporterInfo, GraphSpec, Macs, Manifest, TensorSpec, file_spec, sha256_of
 from ..paths import DEFAULT_MODEL_DIR
+from . import monolithic as whole_model
 from . import quantize, staging
 from .families import FamilyAdapter, adapter_class_for, adapter_for
 from .graphs import GraphDef, graph_defs
@@ -90,6 +91,7 @@ def export(
     progress: bool = True,
     precision: str = "fp32",
     quantize_heads: bool = False,
+    monolithic: bool = False,
 ) -> Manifest:
     """Export a model directory (the bundled stories260K by default) to a bundle directory."""
     quantize.check_precision(precision)
@@ -99,7 +101,7 @@ def export(
     staging.check_target(out_dir, force)
     model = load_model(model_dir)
     return export_model(model, out_dir, model_dir=model_dir, force=force, verify=verify, progress=progress,
-                        precision=precision, quantize_heads=quantize_heads)
+                        precision=precision, quantize_heads=quantize_heads, monolithic=monolithic)
 
 
 def export_model(
@@ -114,12 +116,14 @@ def export_model(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     precision: str = "fp32",
     quantize_heads: bool = False,
+    monolithic: bool = False,
 ) -> Manifest:
     """Export an already loaded `transformers` model; `model_dir` supplies tokenizer and config files.
 
     `precision` other than fp32 converts the block graphs (and with `quantize_heads` the embedding
     and heads) after the float32 bundle was exported and verified, then verifies them again at
-    the looser tolerance `quantize.TOLERANCES` states.
+    the looser tolerance `quantize.TOLERANCES` states. `monolithic` also writes the whole model as
+    one graph, `model.onnx` (see `monolithic.py`), the baseline `adainfer bench` compares with.
     """
     quantize.check_precision(precision)
     out_dir = Path(out_dir)
@@ -136,6 +140,8 @@ def export_model(
         staging.checkpoint("manifest")
         if verify:
             verify_against_transformers(model, tmp)
+        if monolithic:
+            manifest = whole_model.add_to_bundle(model, adapter, tmp, manifest, verify, external_data_threshold)
         if precision != "fp32":
             manifest = _quantize_graphs(model, adapter, tmp, manifest, precision, quantize_heads, verify, external_data_threshold)
     return manifest
