@@ -1,0 +1,176 @@
+"""The ways of running one model that `adainfer bench` compares; each does a prefill and greedy decode steps.
+
+A contender has `name`, `layers` (blocks run per decoded token) and
+`prefill(ids) -> (state, token)`, `step(state, token) -> token` (or `decode(ids, tokens)`, timed whole).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+class Transformers:
+    """`transformers` eager attention in torch at full depth, KV cache in its own `DynamicCache`."""
+
+    def __init__(self, model, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.torch, self.model = torch, model.eval()
+        self.name, self.layers = "transformers", model.config.num_hidden_layers
+
+    def prefill(self, ids):
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([ids]), use_cache=True)
+        return out.past_key_values, int(out.logits[0, -1].argmax())
+
+    def step(self, state, token):
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([[token]]), past_key_values=state, use_cache=True)
+        return int(out.logits[0, -1].argmax())
+
+
+class Monolithic:
+    """`model.onnx`, the whole model in one ONNX Runtime session; KV cache fed back as the outputs it got."""
+
+    def __init__(self, bundle: Path, manifest, threads: int, spinning: bool = False):
+        import onnxruntime as ort
+
+        from ..exporter.monolithic import FILE, kv_input_names
+        from ..runtime.sessions import session_options
+
+        options = session_options(threads)
+        if spinning:  # onnxruntime's defaults, for comparison
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.log_severity_level = 3
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(Path(bundle) / FILE), options, providers=["CPUExecutionProvider"])
+        self.kv_names = kv_input_names(manifest.num_layers)
+        self.empty = np.zeros((1, manifest.num_kv_heads, 0, manifest.head_dim), dtype=np.float32)
+        self.name = "monolithic" + ("_spinning" if spinning else "")
+        self.layers = manifest.num_layers
+
+    def _run(self, ids: np.ndarray, position_ids: np.ndarray, length: int, past: list) -> tuple[list, int]:
+        feeds = {"input_ids": ids, "position_ids": position_ids, "attention_mask": np.ones((1, length), dtype=np.int64)}
+        feeds.update(zip(self.kv_names, past))
+        out = self.session.run(None, feeds)
+        return out[1:], int(out[0][0].argmax())
+
+    def prefill(self, ids):
+        n = len(ids)
+        past, token = self._run(np.asarray([ids], dtype=np.int64), np.arange(n, dtype=np.int64)[None],
+                                n, [self.empty] * len(self.kv_names))
+        state = {"past": past, "length": n}
+        return state, token
+
+    def step(self, state, token):
+        n = state["length"]
+        state["past"], token = self._run(np.asarray([[token]], dtype=np.int64), np.asarray([[n]], dtype=np.int64),
+                                         n + 1, state["past"])
+        state["length"] = n + 1
+        return token
+
+
+class Chain:
+    """Our per-block chain (`adainfer.runtime`) at full depth: `Model.start` / `Model.step`."""
+
+    def __init__(self, model):
+        self.model, self.name, self.layers = model, "chain_full", model.num_layers
+
+    def prefill(self, ids):
+        state, logits = self.model.start([ids])
+        return state, int(logits[0].argmax())
+
+    def step(self, state, token):
+        return int(self.model.step(state, [token])[0].argmax())
+
+
+class EarlyExit:
+    """Our chain stopping where an `ExitDecider` says, every token (`Model.run_layers` + final head).
+
+    With a forced exit at layer k the blocks above k never run, so their caches are never read:
+    this isolates what running k of L blocks costs.
+    """
+
+    def __init__(self, model, decider, name: str, layers: Optional[int] = None):
+        self.model, self.decider, self.name = model, decider, name
+        self.layers = layers if layers is not None else model.num_layers
+        self.exit_layers: list[int] = []
+
+    def _forward(self, state, ids: np.ndarray) -> int:
+        run = self.model.run_layers(ids, state, np.ones_like(ids), self.decider)
+        self.exit_layers.append(run.exit_layer)
+        if run.token is not None:
+            return int(run.token[0])
+        return int(self.model.final_logits(run.hidden[:, -1, :])[0].argmax())
+
+    def prefill(self, ids):
+        state = self.model.new_state(1)
+        return state, self._forward(state, np.asarray([ids], dtype=np.int64))
+
+    def step(self, state, token):
+        state.complete_layers = None  # upper caches are stale and never read again (forced exit)
+        return self._forward(state, np.asarray([[token]], dtype=np.int64))
+
+
+class Classifier:
+    """Our chain with the bundle's calibrated exit classifier. Prefill: the next-token prediction
+    stops where the classifier fires (`Model.run_layers` with the bundle's decider, as `predict`).
+    Decode: `Model.generate(mode="early-exit")` greedy, time per token including its prompt's forward."""
+
+    def __init__(self, model):
+        self.model, self.name, self.layers = model, "chain_classifier", model.num_layers
+        self.exit = EarlyExit(model, model.decider() if hasattr(model, "decider") else None, self.name)
+        self.exit_layers = self.exit.exit_layers
+        self.layers_per_token: list[float] = []
+
+    def prefill(self, ids):
+        return self.exit.prefill(ids)
+
+    def decode(self, ids, tokens: int) -> None:
+        try:
+            out = self.model.generate(list(ids), max_new_tokens=tokens, mode="early-exit", stop_at_eos=False)
+        except TypeError:  # an older runtime: early_exit=True
+            out = self.model.generate(list(ids), max_new_tokens=tokens, early_exit=True, stop_at_eos=False)
+        self.layers_per_token.append(sum(out.layers_per_token) / max(1, len(out.layers_per_token)))
+
+
+def forced_layers(num_layers: int) -> list[int]:
+    """L/4, L/2, 3L/4 (at least 1, distinct, below L)."""
+    layers = sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)})
+    return [k for k in layers if k < num_layers]
+
+
+def load_chain(bundle: Path, threads: int):
+    from ..runtime import load
+
+    return load(bundle, threads=threads, check_digests=False)
+
+
+def build(name: str, bundle: Path, threads: int, model=None):
+    """A contender by name: transformers, monolithic, monolithic_spinning, chain_full, chain_exit@K,
+    chain_classifier. `model` reuses an already loaded chain."""
+    from ..manifest import Manifest
+    from .shapes import BenchError, load_source_model
+
+    manifest = Manifest.load(bundle)
+    if name == "transformers":
+        return Transformers(load_source_model(manifest.extras["bench_source"]), threads)
+    if name in ("monolithic", "monolithic_spinning"):
+        return Monolithic(bundle, manifest, threads, spinning=name.endswith("spinning"))
+    model = model if model is not None else load_chain(bundle, threads)
+    if name == "chain_full":
+        return Chain(model)
+    if name.startswith("chain_exit@"):
+        from ..runtime.early_exit import ExitDecider
+        from ..runtime.exit_policy import ExitPolicy
+
+        k = int(name.split("@")[1])
+        return EarlyExit(model, ExitDecider(model, ExitPolicy.forced(k)), name, layers=k)
+    if name == "chain_classifier":
+        return Classifier(model)
+    raise BenchError(f"unknown contender {name!r}")

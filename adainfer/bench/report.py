@@ -1,0 +1,139 @@
+"""The benchmark's outputs: machine description, ratios, markdown table, plot of time against layers."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from .measure import paired_ratio, stats
+
+BASELINE = "monolithic"
+
+
+def machine(threads: int) -> dict:
+    import onnxruntime
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
+    try:
+        import torch
+        import transformers
+
+        info.update(torch=torch.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def ratios(samples: dict, num_layers: int, forced: list[int]) -> dict:
+    """Paired per-repeat ratios (median, min, max) against the monolithic graph and full-depth chain."""
+    base, chain = samples.get(BASELINE), samples.get("chain_full")
+    out: dict = {}
+    if base and chain:
+        out["chain_full_over_monolithic_decode"] = paired_ratio(chain["decode"], base["decode"])
+        out["chain_full_over_monolithic_prefill"] = {
+            key.split("_")[1]: paired_ratio(chain[key], base[key]) for key in chain if key.startswith("prefill_")}
+    if chain:
+        out["forced_exit_over_full_decode"] = {
+            str(k): paired_ratio(samples[f"chain_exit@{k}"]["decode"], chain["decode"])
+            for k in forced if f"chain_exit@{k}" in samples}
+        out["forced_exit_target"] = {str(k): k / num_layers + 0.10 for k in forced}
+    if base and "transformers" in samples:
+        out["transformers_over_monolithic_decode"] = paired_ratio(samples["transformers"]["decode"], base["decode"])
+        out["transformers_over_monolithic_prefill"] = {
+            key.split("_")[1]: paired_ratio(samples["transformers"][key], base[key])
+            for key in base if key.startswith("prefill_")}
+    if base:
+        out["over_monolithic_decode"] = {name: paired_ratio(s["decode"], base["decode"]) for name, s in samples.items()}
+    return out
+
+
+def summary(samples: dict) -> dict:
+    return {name: {metric: stats(values) for metric, values in per.items()} for name, per in samples.items()}
+
+
+def _ms(s: dict) -> str:
+    return f"{s['median'] * 1e3:.2f} ({s['min'] * 1e3:.2f}–{s['max'] * 1e3:.2f})"
+
+
+def markdown(result: dict) -> str:
+    m, r, rows = result["machine"], result["ratios"], result["contenders"]
+    prompts = result["settings"]["prompt_lengths"]
+    over = r.get("over_monolithic_decode", {})
+    head = ["contender", "layers", "MMAC/token", *[f"prefill {n} tok, ms" for n in prompts],
+            "decode ms/token", "tokens/s", "decode ÷ monolithic", "peak RSS MB (Δ)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in rows.items():
+        t = row["timings"]
+        mem = row.get("memory")
+        cells = [f"`{name}`", str(row["layers"]), f"{row['macs_per_token'] / 1e6:.1f}",
+                 *[_ms(t[f"prefill_{n}"]) for n in prompts], _ms(t["decode"]),
+                 f"{1 / t['decode']['median']:.1f}",
+                 f"{over[name]['median']:.3f}" if name in over else "–",
+                 f"{mem['peak_mb']:.0f} ({mem['peak_over_baseline_mb']:.0f})" if mem else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    s = result["settings"]
+    lines += ["", f"Model: {result['model']}; {s['repeats']} repeats (median, min–max), {s['decode_tokens']} decoded tokens "
+              f"after the {min(prompts)}-token prompt, {s['threads']} threads. Machine: {m['platform']}, {m['cpu']}, "
+              f"{m['cores']} cores, onnxruntime {m['onnxruntime']}."]
+    if "chain_full_over_monolithic_decode" in r:
+        lines.append(f"Chain ÷ monolithic, decode: {r['chain_full_over_monolithic_decode']['median']:.3f}; prefill: "
+                     + ", ".join(f"{n} tok {v['median']:.3f}" for n, v in r["chain_full_over_monolithic_prefill"].items()) + ".")
+    if r.get("forced_exit_over_full_decode"):
+        lines.append("Forced exit ÷ full chain, decode: " + ", ".join(
+            f"k={k}: {v['median']:.3f} (target ≤ {r['forced_exit_target'][k]:.3f})"
+            for k, v in r["forced_exit_over_full_decode"].items()) + ".")
+    for note in result.get("notes", []):
+        lines.append(note)
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Decode time per token against blocks run, with the ideal (time proportional to blocks run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["contenders"]
+    num_layers = result["num_layers"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    chain = [(row["layers"], row["timings"]["decode"]) for name, row in rows.items()
+             if name == "chain_full" or name.startswith("chain_exit@")]
+    chain.sort(key=lambda x: x[0])
+    if chain:
+        xs = [x for x, _ in chain]
+        ys = [s["median"] * 1e3 for _, s in chain]
+        err = [[(s["median"] - s["q1"]) * 1e3 for _, s in chain], [(s["q3"] - s["median"]) * 1e3 for _, s in chain]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="our chain (forced exit at k, full)")
+        full = rows["chain_full"]["timings"]["decode"]["median"] * 1e3 if "chain_full" in rows else ys[-1]
+        ax.plot([0, num_layers], [0, full], "--", color="gray", label="ideal: time ∝ blocks run")
+        if "chain_full" in rows:
+            macs = sorted((row["layers"], row["macs_per_token"]) for name, row in rows.items()
+                          if name == "chain_full" or name.startswith("chain_exit@"))
+            macs_full = rows["chain_full"]["macs_per_token"]
+            ax.plot([x for x, _ in macs], [full * m / macs_full for _, m in macs], ":", color="black",
+                    label="ideal: time ∝ MACs (blocks + head)")
+    for name, marker in (("monolithic", "s"), ("transformers", "^")):
+        if name in rows:
+            ax.plot([rows[name]["layers"]], [rows[name]["timings"]["decode"]["median"] * 1e3], marker,
+                    label=f"{name} (full depth)")
+    ax.set_xlabel("blocks run per token")
+    ax.set_ylabel("decode time per token (ms)")
+    ax.set_title(f"{result['model']}: decode time against depth")
+    ax.set_xlim(0, num_layers + 0.5)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
