@@ -213,3 +213,23 @@ def test_policy_from_another_export_is_refused(calibrated, stories_bundle, tmp_p
         rt.load(copy, check_digests=False).manifest.attach("exit_policy", update.dir, "exit_policy.json").save(update.dir)
     with pytest.raises(BundleError, match="calibrated for another export"):
         load_policy(rt.load(copy))
+
+
+def test_failed_calibration_leaves_the_bundle_unchanged(stories_bundle, tmp_path, monkeypatch):
+    """A calibration that fails while writing (here: the plots) changes nothing in the bundle."""
+    from adainfer.calib import plots
+
+    bundle = tmp_path / "b"
+    shutil.copytree(stories_bundle, bundle)
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+
+    def broken(report, out_dir):
+        (out_dir / "calib_tradeoff.png").write_bytes(b"half")
+        raise KeyboardInterrupt  # as if Ctrl-C arrived mid-write
+
+    monkeypatch.setattr(plots, "write_plots", broken)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(bundle, DEFAULT_CALIB_DATA, limit=12, progress=False)
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging directory left beside it
+    assert load_policy(rt.load(bundle)) is None
