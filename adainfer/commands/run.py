@@ -51,6 +51,8 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(model.generate(prompt, **options).to_json()))
         return 0
+    if args.mode != "full" and model.decider() is None:  # before any text is printed
+        raise InputError(f"bundle {bundle} has no exit policy: run `adainfer calib {bundle}` first")
     ids = model.prepare_prompt(prompt, args.max_new_tokens, args.truncate_prompt)
     model.check_request(len(ids), args.max_new_tokens, args.temperature, args.top_p, args.seed)
     started = time.perf_counter()

@@ -150,6 +150,9 @@ def load_policy(model) -> Optional[ExitPolicy]:
         return None
     policy = ExitPolicy.load(model.bundle.root / spec.file)
     recorded = policy.extras.get("manifest_digest")
+    if recorded is None:
+        raise BundleError(f"{spec.file} records no manifest digest (calibrated by an older adainfer); "
+                          "run `adainfer calib` again")
     if recorded != model.manifest.digest():  # a policy copied in from another export
         raise BundleError(f"{spec.file} was calibrated for another export of this model "
                           f"(manifest digest {str(recorded)[:12]}); run `adainfer calib` again")
