@@ -117,3 +117,24 @@ def test_early_exit_mode_reports_layers(stories_bundle):
     assert g.layers_per_token == [5] + [3] * 11  # the prompt's token runs full depth
     assert g.macs_per_token > 0 and g.decision_macs_per_token == 0
     assert g.to_json()["mode"] == "early-exit"
+
+
+def test_speculative_acceptance_rule_keeps_the_full_distribution():
+    """Drafts from q, accepted with min(1, p/q) or resampled from max(0, p - q): the result is distributed as p."""
+    vocab = 6
+    rng = np.random.default_rng(0)
+    p_logits = rng.normal(size=vocab) * 1.5
+    q_logits = p_logits + rng.normal(size=vocab)  # a draft model that is close but wrong
+    sampler = Sampler(1.0, 1.0, np.random.default_rng(1))
+    decoder = SpeculativeDecoder.__new__(SpeculativeDecoder)
+    decoder.sampler = sampler
+    p, q = sampler.distribution(p_logits), sampler.distribution(q_logits)
+    counts = np.zeros(vocab)
+    n = 20000
+    logits = np.stack([p_logits, p_logits])
+    for _ in range(n):
+        draft = int(sampler.rng.choice(vocab, p=q))
+        accepted, correction = decoder.accept([draft], [q], logits)
+        counts[draft if accepted == 1 else correction] += 1
+    assert np.max(np.abs(counts / n - p)) < 0.015
+    assert np.max(np.abs(q - p)) > 0.05  # and q alone would have been visibly wrong
