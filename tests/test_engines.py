@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from adainfer.engines.errors import EngineError, EngineMismatchError, GpuUnavailableError
-from adainfer.engines.metadata import (DeviceInfo, check_record, engines_dirname, engines_path, find_engines,
-                                       make_record, manifest_sha256)
+from adainfer.engines.metadata import (DECIDER, DeviceInfo, check_decider, check_record, engines_dirname, engines_path,
+                                       find_engines, make_record)
 from adainfer.engines.precision import Node, fp32_nodes, layer_nodes, metadata_nodes, nodes_from_onnx
 from adainfer.engines.profiles import BuildOptions, graph_profiles, union_profile
 from adainfer.errors import AdainferError
-from adainfer.manifest import Manifest
+from adainfer.manifest import Manifest, manifest_digest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 ORIN = DeviceInfo("Orin", "8.7", "10.3.0")
 
@@ -139,17 +139,17 @@ def test_layers_map_back_to_onnx_nodes():
 
 def test_engine_dir_name_and_record_check(stories_bundle):
     assert engines_dirname(DeviceInfo("NVIDIA H100 80GB HBM3", "9.0", "10.7.0")) == "NVIDIA_H100_80GB_HBM3_trt10.7.0"
-    sha = manifest_sha256(stories_bundle)
-    record = make_record(ORIN, BuildOptions().to_dict(), sha, {})
-    check_record(record, ORIN, sha)  # same device: accepted
+    record = make_record(ORIN, BuildOptions().to_dict(), manifest_digest(stories_bundle), {})
+    check_record(record, ORIN, stories_bundle)  # same device: accepted
     with pytest.raises(EngineMismatchError) as err:
-        check_record(record, DeviceInfo("NVIDIA H100 80GB HBM3", "9.0", "10.3.0"), sha, "b")
+        check_record(record, DeviceInfo("NVIDIA H100 80GB HBM3", "9.0", "10.3.0"), stories_bundle)
     message = str(err.value)
     assert "\n" not in message and "Orin (sm 8.7)" in message and "rebuild on this device" in message
     with pytest.raises(EngineMismatchError, match="TensorRT 10.3.0, this device is Orin .* TensorRT 10.7.0"):
-        check_record(record, DeviceInfo("Orin", "8.7", "10.7.0"), sha)
-    with pytest.raises(EngineMismatchError, match="different manifest.json"):
-        check_record(record, ORIN, "0" * 64)
+        check_record(record, DeviceInfo("Orin", "8.7", "10.7.0"), stories_bundle)
+    with pytest.raises(EngineMismatchError, match="another export of this bundle .* rebuild on this device") as err:
+        check_record(dict(record, manifest_digest="0" * 64), ORIN, stories_bundle)
+    assert "\n" not in str(err.value)
     assert issubclass(EngineMismatchError, AdainferError)
 
 
@@ -163,10 +163,260 @@ def test_find_engines_refuses_engines_built_elsewhere(tmp_path, stories_bundle):
     other = DeviceInfo("NVIDIA GeForce RTX 4090", "8.9", "10.3.0")
     directory = engines_path(bundle, other)
     directory.mkdir(parents=True)
-    (directory / "engine.json").write_text(json.dumps(make_record(other, {}, manifest_sha256(bundle), {})))
+    (directory / "engine.json").write_text(json.dumps(make_record(other, {}, manifest_digest(bundle), {})))
     with pytest.raises(EngineMismatchError, match="built for NVIDIA GeForce RTX 4090 .* rebuild on this device"):
         find_engines(bundle, ORIN)
     assert find_engines(bundle, other)[0] == directory
+    old = dict(make_record(other, {}, "x", {}), manifest_sha256="0" * 64)
+    del old["manifest_digest"]
+    (directory / "engine.json").write_text(json.dumps(old))  # a record of the first engine format
+    with pytest.raises(EngineError, match="lacks manifest_digest .* rebuild"):
+        find_engines(bundle, other)
+
+
+# ---------------------------------------------------------------- staged builds and records (fake engines, CPU)
+
+
+class FakeBuilder:
+    """Stands in for TensorRT in tests of the staging and the record: its 'engines' are labels
+    (nothing here runs them), and it can fail at a chosen graph."""
+
+    def __init__(self, fail_at=None):
+        self.fail_at, self.built = fail_at, []
+
+    def build(self, graph, onnx_path, profiles, staging):
+        from adainfer.engines.build import BuiltEngine
+
+        assert onnx_path.is_file() and profiles
+        if graph == self.fail_at:
+            raise EngineError(f"{graph}: injected failure")
+        self.built.append(graph)
+        return BuiltEngine(f"not an engine: {graph}".encode())
+
+    def timing_cache(self):
+        return b"cache"
+
+
+def fake_build(bundle, builder=None, device=ORIN, options=None):
+    from adainfer.engines.build import write_engines
+
+    manifest = Manifest.load(bundle)
+    options = (options or BuildOptions(max_batch=2, max_seq=16, max_context=64)).resolved(manifest)
+    return write_engines(bundle, manifest, options, device, engines_path(bundle, device), builder or FakeBuilder(),
+                         log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def calibrated_bundles(stories_bundle, tmp_path_factory):
+    """stories260K calibrated with a folded linear classifier: on the full exit head and hidden-only."""
+    import shutil
+
+    from adainfer.calib.calibrate import calibrate
+    from adainfer.paths import DEFAULT_CALIB_DATA
+
+    out = {}
+    for variant in ("full-head", "hidden-only"):
+        bundle = tmp_path_factory.mktemp("engines-calib") / variant
+        shutil.copytree(stories_bundle, bundle)
+        calibrate(bundle, DEFAULT_CALIB_DATA, limit=30, progress=False, kinds=("logreg",), variant=variant)
+        out[variant] = bundle
+    return out
+
+
+def leftovers(bundle):
+    return sorted(p.name for p in (bundle / "engines").iterdir() if p.name.startswith("."))
+
+
+def test_engine_build_is_staged_and_a_failure_keeps_the_old_engines(tmp_path, stories_bundle):
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(stories_bundle, bundle)
+    with pytest.raises(EngineError, match="injected"):
+        fake_build(bundle, FakeBuilder(fail_at="block_00"))
+    assert not engines_path(bundle, ORIN).exists() and leftovers(bundle) == []  # none, not a partial one
+    directory = fake_build(bundle)
+    record = json.loads((directory / "engine.json").read_text())
+    assert record["manifest_digest"] == manifest_digest(bundle) and set(record["graphs"]) == set(Manifest.load(bundle).graphs)
+    assert DECIDER not in record["graphs"]  # not calibrated
+    assert {"trtexec.sh", "timing.cache", "block_00.plan"} <= {p.name for p in directory.iterdir()}
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    with pytest.raises(EngineError, match="injected"):
+        fake_build(bundle, FakeBuilder(fail_at="final_head"), options=BuildOptions(max_batch=4))
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before and leftovers(bundle) == []
+    find_engines(bundle, ORIN)
+
+
+def test_killed_engine_build_leaves_the_old_engines(tmp_path, stories_bundle):
+    import os
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(stories_bundle, bundle)
+    directory = fake_build(bundle)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    script = f"""
+import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})
+from pathlib import Path
+from test_engines import fake_build, FakeBuilder
+from adainfer.engines.profiles import BuildOptions
+fake_build(Path(sys.argv[1]), options=BuildOptions(max_batch=3))
+"""
+    for point in ("engine_block_02", "rename"):
+        env = dict(os.environ, ADAINFER_TEST_KILL_AT=point)
+        out = subprocess.run([sys.executable, "-c", script, str(bundle)], env=env, capture_output=True, text=True)
+        assert out.returncode == -9, out.stderr
+        assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    assert leftovers(bundle)  # the killed build's staging directory ...
+    fake_build(bundle)
+    assert leftovers(bundle) == []  # ... is removed by the next build
+
+
+def test_calibration_keeps_engines_valid_and_a_reexport_does_not(tmp_path, stories_bundle):
+    import dataclasses
+    import shutil
+
+    from adainfer.calib.calibrate import calibrate
+    from adainfer.engines.decider import bundle_folded_policy, extra_features
+    from adainfer.paths import DEFAULT_CALIB_DATA
+
+    bundle = tmp_path / "b"
+    shutil.copytree(stories_bundle, bundle)
+    fake_build(bundle)
+    calibrate(bundle, DEFAULT_CALIB_DATA, limit=30, progress=False, kinds=("logreg",), variant="full-head")
+    directory, record = find_engines(bundle, ORIN)  # manifest.json changed (attachments), its digest did not
+    policy, _, sha = bundle_folded_policy(bundle, Manifest.load(bundle))
+    with pytest.raises(EngineMismatchError, match="no exit decider .* rebuild on this device") as err:
+        check_decider(record, sha, extra_features(policy), bundle)  # engines from before the calibration
+    assert "\n" not in str(err.value)
+    builder = FakeBuilder()
+    fake_build(bundle, builder)
+    assert builder.built[-1] == DECIDER
+    directory, record = find_engines(bundle, ORIN)
+    check_decider(record, sha, extra_features(policy), bundle)
+    assert record["graphs"][DECIDER]["source"] == {"head_sha256": sha, "features": extra_features(policy)}
+    assert (directory / "exit_decider.onnx").is_file() and "--saveEngine=exit_decider.plan" in (directory / "trtexec.sh").read_text()
+    with pytest.raises(EngineMismatchError, match="another calibration"):
+        check_decider(record, "0" * 64, extra_features(policy), bundle)
+    manifest = Manifest.load(bundle)  # a re-export: what the export decided changes
+    dataclasses.replace(manifest, exporter=dataclasses.replace(manifest.exporter, adainfer="9.9.9")).save(bundle)
+    with pytest.raises(EngineMismatchError, match="another export of this bundle .* rebuild on this device"):
+        find_engines(bundle, ORIN)
+
+
+# ---------------------------------------------------------------- the exit decider (CPU: ONNX Runtime runs its graph)
+
+
+def test_decider_profile_is_rows_up_to_max_batch(calibrated_bundles, tmp_path):
+    from adainfer.engines.decider import bundle_folded_policy, write_decider
+
+    bundle = calibrated_bundles["full-head"]
+    manifest = Manifest.load(bundle)
+    policy, folded, _ = bundle_folded_policy(bundle, manifest)
+    spec = write_decider(folded, policy, manifest.hidden_size, tmp_path / "d.onnx")
+    assert [t.name for t in spec.inputs] == ["hidden_states", "previous_hidden_states", "layer_frac"]
+    assert [t.name for t in spec.outputs] == ["top1_id", "score"]
+    (profile,) = graph_profiles(DECIDER, spec, BuildOptions(max_batch=3, max_seq=32, max_context=64).resolved(manifest))
+    h = manifest.hidden_size
+    assert profile.name == "decider"
+    assert profile.shapes == {"hidden_states": ((1, h), (1, h), (3, h)), "previous_hidden_states": ((1, h), (1, h), (3, h)),
+                              "layer_frac": ((1, 1), (1, 1), (3, 1))}
+
+
+def test_recipes_only_on_a_calibrated_bundle_build_the_decider(tmp_path, calibrated_bundles):
+    out = tmp_path / "r"
+    code, _, stderr = run_cli("adainfer", "build-engines", str(calibrated_bundles["full-head"]), "--recipes-only",
+                              "--precision", "int8", "--max-batch", "2", "--max-seq", "32", "--max-context", "64",
+                              "--out", str(out))
+    assert code == 0, stderr
+    commands = [c for c in (out / "trtexec.sh").read_text().split("\n\n") if c.startswith("trtexec")]
+    decider = next(c for c in commands if "--onnx=exit_decider.onnx" in c)
+    assert "--minShapes=hidden_states:1x64,previous_hidden_states:1x64,layer_frac:1x1" in decider
+    assert "--maxShapes=hidden_states:2x64,previous_hidden_states:2x64,layer_frac:2x1" in decider
+    assert "--fp16" in decider and "--int8" not in decider  # no int8 calibration data for the decider
+    assert "adainfer_decider/_cos_prev:fp32" in decider and "/Softmax:fp32" in decider
+    assert (out / "exit_decider.onnx").is_file()
+
+
+def cpu_runner(bundle, policy):
+    """A fake engine runner: the decider graph on ONNX Runtime's CPU provider, fed as the GPU backends feed it."""
+    import onnxruntime as ort
+
+    from adainfer.engines.decider import decider_model, layer_fractions
+
+    manifest = Manifest.load(bundle)
+    model = decider_model(bundle / policy.head_file, policy, manifest.hidden_size)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    fractions = layer_fractions(manifest.num_layers, 1)
+    calls = []
+
+    def run(layers, layer, decider):
+        feeds = {"hidden_states": layers[layer][-1:], "previous_hidden_states": layers[layer - 1][-1:],
+                 "layer_frac": fractions[layer - 1]}
+        out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {n: feeds[n] for n in names})))
+        calls.append(layer)
+        return {k: out[k] for k in decider.outputs}  # only what the device copies back
+
+    return run, calls
+
+
+@pytest.mark.parametrize("variant", ["full-head", "hidden-only"])
+def test_device_decisions_equal_the_cpu_runtime(calibrated_bundles, variant):
+    import dataclasses
+
+    import adainfer.runtime as rt
+    from adainfer.runtime.device_exit import DeviceDecider, run_blocks
+    from adainfer.runtime.early_exit import ExitDecider, load_policy, predict, trace
+
+    bundle = calibrated_bundles[variant]
+    model = rt.load(bundle)
+    policy = load_policy(model)
+    assert policy.decision == "folded"
+    prompts = ["Once upon a time", "The little dog was very happy because", "Lily and Tom went to the park. They saw"]
+    exits = set()
+    for shift in (0.0, -1.0, -2.0, -4.0):  # lower thresholds exit earlier
+        p = dataclasses.replace(policy, threshold=policy.threshold + shift)
+        for prompt in prompts:
+            ids = model.encode(prompt)
+            want = predict(model, ids, ExitDecider(model, p))
+            layers = trace(model, ids)
+            run, calls = cpu_runner(bundle, p)
+            decider = DeviceDecider(p, model.num_layers, "tensorrt")
+            exit_layer, decisions, decision = run_blocks(model.num_layers, lambda layer: None,
+                                                         lambda layer, d: run(layers, layer, d), decider)
+            assert (exit_layer, decisions) == (want.exit_layer, want.decisions), (prompt, shift)
+            if decision is not None and decision.token is not None:
+                assert int(decision.token[0]) == want.token
+            assert (decision is None) == (exit_layer == model.num_layers)
+            exits.add(exit_layer)
+    assert len(exits) > 1  # the thresholds above reach more than one exit layer
+
+
+def test_device_decider_refuses_what_tensorrt_cannot_run():
+    from adainfer.engines.errors import DeviceDecisionError
+    from adainfer.runtime.device_exit import DeviceDecider, device_decider, run_blocks
+    from adainfer.runtime.exit_policy import ExitPolicy
+
+    rbf = ExitPolicy(decision="classifier", features=["gap", "top_prob"], threshold=0.0, name="svm-rbf/paper",
+                     classifier_file="classifier.onnx")
+    with pytest.raises(DeviceDecisionError) as err:
+        device_decider(rbf, 5, "tensorrt")
+    message = str(err.value)
+    assert "\n" not in message and "TensorRT cannot run" in message and "linear classifier" in message
+    with pytest.raises(DeviceDecisionError, match="cos_prev"):
+        DeviceDecider(ExitPolicy.rule(0.9, "cos_prev"), 5)
+    # rules read the exit head's outputs; forced exits need no graph and copy nothing back
+    rule = DeviceDecider(ExitPolicy.rule(0.8), 5)
+    assert (rule.graph, rule.outputs) == ("exit_head", ["gap", "top1_id"])
+    asked = []
+    fake = lambda layer, d: asked.append(layer) or {"gap": np.array([0.5 + 0.1 * layer], np.float32),
+                                                     "top1_id": np.array([40 + layer])}
+    exit_layer, decisions, decision = run_blocks(5, lambda layer: None, fake, rule)
+    assert (exit_layer, decisions, asked, int(decision.token[0])) == (3, 3, [1, 2, 3], 43)
+    forced = DeviceDecider(ExitPolicy.forced(2), 5)
+    assert forced.graph is None and run_blocks(5, lambda layer: None, fake, forced)[:2] == (2, 1)
+    assert run_blocks(5, lambda layer: None, fake, None) == (5, 0, None)
 
 
 # ---------------------------------------------------------------- recipes
@@ -260,3 +510,30 @@ def test_fp32_engines_match_the_cpu_runtime(tmp_path, stories_bundle):
     assert np.abs(cpu.last_logits(prompts) - gpu_model.last_logits(prompts)).max() < 1e-3
     assert cpu.generate("Once upon a time", max_new_tokens=24).tokens == gpu_model.generate("Once upon a time", max_new_tokens=24).tokens
     assert gpu_model.generate("Once upon a time", max_new_tokens=24).tokens == cpu.generate("Once upon a time", max_new_tokens=24).tokens  # graph replays
+
+
+@pytest.mark.gpu
+@gpu
+def test_early_exit_on_the_device_equals_the_cpu_runtime(tmp_path, calibrated_bundles):
+    import dataclasses
+    import shutil
+
+    import adainfer.runtime as rt
+    from adainfer.engines.build import build_engines
+    from adainfer.runtime.device_exit import DeviceDecider
+    from adainfer.runtime.early_exit import ExitDecider, load_policy, predict
+
+    bundle = tmp_path / "b"
+    shutil.copytree(calibrated_bundles["full-head"], bundle)
+    build_engines(bundle, BuildOptions(precision="fp32", max_batch=1, max_seq=64, max_context=128), log=lambda _: None)
+    cpu, gpu_model = rt.load(bundle), rt.load(bundle, backend="tensorrt")
+    policy = load_policy(cpu)
+    for shift in (0.0, -2.0):
+        p = dataclasses.replace(policy, threshold=policy.threshold + shift)
+        for prompt in ("Once upon a time", "The little dog was very happy because"):
+            ids = cpu.encode(prompt)
+            want, got = predict(cpu, ids, ExitDecider(cpu, p)), predict(gpu_model, ids, DeviceDecider(p, cpu.num_layers))
+            assert (got.exit_layer, got.decisions, got.token) == (want.exit_layer, want.decisions, want.token)
+    want = cpu.generate("Once upon a time", max_new_tokens=16, mode="early-exit")
+    got = gpu_model.generate("Once upon a time", max_new_tokens=16, mode="early-exit")
+    assert got.layers_per_token == want.layers_per_token and got.tokens == want.tokens

@@ -11,25 +11,30 @@ int8 uses an `IInt8EntropyCalibrator2` (implicit quantization: deprecated since 
 but still shipped in 10.3 on JetPack 6) fed with activations the ONNX Runtime CPU runtime
 computes over calibration text, with a fixed calibration profile (`set_calibration_profile`).
 
-Engines are written into a hidden directory beside the target and renamed into place only
-when every graph has built, so an interrupted build leaves the previous engines untouched.
+Engines are written into a staged directory beside the target (`adainfer.atomic.staged_directory`)
+and swapped into place only when every graph has built and `engine.json` is written, so a failed,
+interrupted or killed build leaves the previous engines (or none) and no partial directory.
+For a bundle whose exit policy is folded (a linear classifier), the exit decider
+(`exit_decider.onnx`, derived from `exit_head_folded.onnx`: decider.py) is built too.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
+from ..atomic import checkpoint, staged_directory
 from ..manifest import Manifest
 from ..runtime.bundle import open_bundle
 from ..runtime.cuda_rt import DeviceBuffer, device_info, import_tensorrt, require_gpu, synchronize
 from .errors import EngineError
-from .metadata import RECORD_NAME, engines_path, make_record, manifest_sha256
+from .decider import DECIDER_FILE, extra_features
+from .metadata import DECIDER, RECORD_NAME, DeviceInfo, decider_source, engines_path, make_record
 from .precision import Node, fp32_nodes, layer_nodes, nodes_from_onnx
 from .profiles import BuildOptions, Profile, graph_profiles
 from .recipes import TIMING_CACHE, calib_file, engine_file, write_recipes
@@ -38,9 +43,25 @@ DEFAULT_CALIB_PROMPTS = ("Once upon a time", "One day, a little girl", "The big 
                          "There was a bird", "Lily wanted to play", "The sun was hot and", "A boy found a box")
 
 
+@dataclass
+class BuiltEngine:
+    """One graph's serialized engine and the fp32 pinning that went into it."""
+
+    data: bytes
+    pinned: list[tuple[str, str]] = field(default_factory=list)  # (layer name, op type)
+    unmatched: list[str] = field(default_factory=list)  # selected ONNX nodes no layer came from
+
+
+class EngineBuilder(Protocol):
+    def build(self, graph: str, onnx_path: Path, profiles: list[Profile], staging: Path) -> BuiltEngine: ...
+
+    def timing_cache(self) -> bytes: ...
+
+
 def build_engines(bundle_root: Path, options: BuildOptions, calib_text: Optional[Path] = None,
                   log: Callable[[str], None] = print) -> Path:
-    """Build every graph's engine; returns the engines directory."""
+    """Build every graph's engine (and the exit decider's, for a folded exit policy) on this
+    device; returns the engines directory."""
     trt = import_tensorrt()
     require_gpu()
     root = Path(bundle_root)
@@ -49,76 +70,93 @@ def build_engines(bundle_root: Path, options: BuildOptions, calib_text: Optional
     options = options.resolved(manifest)
     device = device_info()
     target = engines_path(root, device)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.building-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        cache_path = target / TIMING_CACHE
-        cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
-        calib = calibration_feeds(root, manifest, options, calib_text) if options.precision == "int8" else {}
-        graphs, pinned_all = {}, {}
-        for graph, spec in manifest.graphs.items():
-            log(f"building {graph} ({options.precision})")
-            network = builder.create_network(0)
-            parser = trt.OnnxParser(network, logger)
-            if not parser.parse_from_file(str(root / spec.file)):
-                first = str(parser.get_error(0)).splitlines()[0] if parser.num_errors else "unknown error"
-                raise EngineError(f"{graph}: TensorRT cannot parse {spec.file}: {first}")
-            config = builder.create_builder_config()
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
-            cache = config.create_timing_cache(cache_bytes)
-            config.set_timing_cache(cache, ignore_mismatch=False)
-            profiles = graph_profiles(graph, spec, options)
-            for profile in profiles:
-                config.add_optimization_profile(trt_profile(builder, profile))
-            pinned, unmatched = [], []
-            if options.precision in ("fp16", "int8"):
-                config.set_flag(trt.BuilderFlag.FP16)
-                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-                pinned, unmatched = pin_fp32(trt, network, nodes_from_onnx(root / spec.file))
-            calibrator = None
-            if options.precision == "int8":
-                config.set_flag(trt.BuilderFlag.INT8)
-                feeds = calib[graph]
-                calibrator = make_calibrator(trt, feeds, staging / calib_file(graph))
-                config.int8_calibrator = calibrator
-                fixed = {name: (a.shape, a.shape, a.shape) for name, a in feeds[0].items()}
-                config.set_calibration_profile(trt_profile(builder, Profile("calibration", fixed)))
-            serialized = builder.build_serialized_network(network, config)
-            if calibrator is not None:
-                calibrator.free()
-            if serialized is None:
-                raise EngineError(f"{graph}: TensorRT could not build the engine (see its log above)")
-            data = bytes(serialized)
-            (staging / engine_file(graph)).write_bytes(data)
-            cache_bytes = bytes(cache.serialize())
-            graphs[graph] = {"file": engine_file(graph), "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-                             "profiles": [p.to_dict() for p in profiles],
-                             "fp32_layers": [name for name, _ in pinned], "fp32_nodes_not_found": unmatched}
-            pinned_all[graph] = pinned
-        (staging / TIMING_CACHE).write_bytes(cache_bytes)
-        write_recipes(root, manifest, options, staging, fp32=pinned_all)
-        record = make_record(device, options.to_dict(), manifest_sha256(root), graphs)
-        import json
+    cache_path = target / TIMING_CACHE
+    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+    builder = TrtBuilder(trt, options, cache_bytes, lambda: calibration_feeds(root, manifest, options, calib_text))
+    return write_engines(root, manifest, options, device, target, builder, log)
 
+
+def write_engines(root: Path, manifest: Manifest, options: BuildOptions, device: DeviceInfo, target: Path,
+                  builder: EngineBuilder, log: Callable[[str], None] = print) -> Path:
+    """Build every engine into a staged directory (`adainfer.atomic.staged_directory`) that replaces
+    `target` only once all are built and the record is written: a failure, Ctrl-C or SIGKILL
+    leaves the previous engines (or none), and the next build removes the leftovers."""
+    from .decider import bundle_folded_policy, write_bundle_decider
+
+    with staged_directory(target, force=True, error=EngineError) as staging:
+        jobs = [(graph, spec, root / spec.file) for graph, spec in manifest.graphs.items()]
+        decider = write_bundle_decider(root, manifest, staging)
+        if decider is not None:
+            jobs.append((DECIDER, decider[0], decider[1]))
+        graphs, pinned_all = {}, {}
+        for graph, spec, onnx_path in jobs:
+            log(f"building {graph} ({options.precision})")
+            profiles = graph_profiles(graph, spec, options)
+            built = builder.build(graph, onnx_path, profiles, staging)
+            (staging / engine_file(graph)).write_bytes(built.data)
+            graphs[graph] = {"file": engine_file(graph), "sha256": hashlib.sha256(built.data).hexdigest(),
+                             "size": len(built.data), "profiles": [p.to_dict() for p in profiles],
+                             "fp32_layers": [name for name, _ in built.pinned], "fp32_nodes_not_found": built.unmatched}
+            pinned_all[graph] = built.pinned
+            checkpoint(f"engine_{graph}")
+        if decider is not None:
+            policy, _, folded_sha = bundle_folded_policy(root, manifest)
+            graphs[DECIDER].update(onnx=DECIDER_FILE, source=decider_source(folded_sha, extra_features(policy)))
+        (staging / TIMING_CACHE).write_bytes(builder.timing_cache())
+        write_recipes(root, manifest, options, staging, fp32=pinned_all, decider=decider)
+        record = make_record(device, options.to_dict(), manifest.digest(), graphs)
         (staging / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        replace_dir(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log(f"wrote {target}")
     return target
 
 
-def replace_dir(staging: Path, target: Path) -> None:
-    """Swap a finished directory into place (renames within one parent directory)."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+class TrtBuilder:
+    """Builds one engine per call with TensorRT, sharing one timing cache."""
+
+    def __init__(self, trt, options: BuildOptions, cache_bytes: bytes, calib_feeds: Callable[[], dict]):
+        self.trt, self.options, self.cache_bytes = trt, options, cache_bytes
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.builder = trt.Builder(self.logger)
+        self._calib_feeds, self._feeds = calib_feeds, None
+
+    def timing_cache(self) -> bytes:
+        return self.cache_bytes
+
+    def build(self, graph: str, onnx_path: Path, profiles: list[Profile], staging: Path) -> BuiltEngine:
+        trt, options, builder = self.trt, self.options, self.builder
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            first = str(parser.get_error(0)).splitlines()[0] if parser.num_errors else "unknown error"
+            raise EngineError(f"{graph}: TensorRT cannot parse {onnx_path.name}: {first}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+        cache = config.create_timing_cache(self.cache_bytes)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        for profile in profiles:
+            config.add_optimization_profile(trt_profile(builder, profile))
+        pinned, unmatched = [], []
+        if options.precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            pinned, unmatched = pin_fp32(trt, network, nodes_from_onnx(onnx_path))
+        calibrator = None
+        if options.precision == "int8" and graph != DECIDER:  # the decider is built fp16 (+ fp32 islands)
+            if self._feeds is None:
+                self._feeds = self._calib_feeds()
+            feeds = self._feeds[graph]
+            config.set_flag(trt.BuilderFlag.INT8)
+            calibrator = make_calibrator(trt, feeds, staging / calib_file(graph))
+            config.int8_calibrator = calibrator
+            fixed = {name: (a.shape, a.shape, a.shape) for name, a in feeds[0].items()}
+            config.set_calibration_profile(trt_profile(builder, Profile("calibration", fixed)))
+        serialized = builder.build_serialized_network(network, config)
+        if calibrator is not None:
+            calibrator.free()
+        if serialized is None:
+            raise EngineError(f"{graph}: TensorRT could not build the engine (see its log above)")
+        self.cache_bytes = bytes(cache.serialize())
+        return BuiltEngine(bytes(serialized), pinned, unmatched)
 
 
 def trt_profile(builder, profile: Profile):

@@ -13,3 +13,7 @@ class EngineMismatchError(EngineError):
 
 class GpuUnavailableError(AdainferError):
     """A GPU backend was asked for where there is no CUDA device or no tensorrt / cuda-python."""
+
+
+class DeviceDecisionError(EngineError):
+    """An exit policy that a GPU backend cannot execute on the device (e.g. an ONNX-ML classifier on TensorRT)."""

@@ -9,7 +9,10 @@ for them. `fp32_nodes` finds those nodes from the graph's structure, not from na
   plus for LayerNorm the centering (ReduceMean and Sub) that feeds the square;
 - LayerNormalization, RMSNormalization (opset 23) and SimplifiedLayerNormalization nodes;
 - Softmax / LogSoftmax, and in the exit head the TopK / Gather / Sub that turn the softmax
-  into top-1 probability and gap (thresholds compare those values to 1e-3).
+  into top-1 probability and gap (thresholds compare those values to 1e-3);
+- in the exit decider (decider.py), every node adainfer added: the fold of the linear
+  classifier and the cos_prev / norm_ratio computation (named `adainfer_decider/...`), since
+  their `score` is compared with a threshold.
 
 TensorRT's ONNX parser names a layer after its node (duplicates get a numeric suffix) and
 records `[ONNX Layer: <node name>]` in the layer's metadata (onnx-tensorrt's processMetadata;
@@ -31,6 +34,7 @@ NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalizat
 SOFTMAX_OPS = ("Softmax", "LogSoftmax")
 AFTER_SOFTMAX_OPS = ("TopK", "Gather", "Sub", "Slice", "Squeeze")
 MULTI_TYPED_OPS = ("TopK",)
+DECIDER_PREFIX = "adainfer_decider/"  # nodes of the exit decider's fold and features (decider.py)
 _METADATA = re.compile(r"\[ONNX Layer: ([^\]|]+?)\s*(?:\|[^\]]*)?\]")
 
 
@@ -64,7 +68,9 @@ def fp32_nodes(nodes: Sequence[Node]) -> list[str]:
         return users[0] if len(users) == 1 else None
 
     for node in nodes:
-        if node.op_type in NORM_OPS:
+        if node.name.startswith(DECIDER_PREFIX):
+            chosen.add(node.name)
+        elif node.op_type in NORM_OPS:
             chosen.add(node.name)
         elif node.op_type in SOFTMAX_OPS:
             chosen.add(node.name)

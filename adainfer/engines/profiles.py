@@ -8,7 +8,9 @@ and wide ranges cost speed (#1166), so the graphs that see a sequence get two pr
   profile 1 "decode":  batch 1..B, sequence 1, past_length 1..C-1, total_length 2..C.
 
 The heads take rows (batch rows in generation, up to B*S when every position is probed) and
-get one profile. Symbolic dims come from the manifest (`batch`, `sequence`, `past_length`,
+get one profile. The exit decider (`exit_decider`, the folded exit head of a calibration, see
+decider.py) only ever sees the last position of each batch row: one profile "decider" with
+rows 1..B for all of its inputs (`hidden_states`, `previous_hidden_states`, `layer_frac`). Symbolic dims come from the manifest (`batch`, `sequence`, `past_length`,
 `total_length`, `rows`); any other symbol is refused.
 """
 
@@ -20,7 +22,7 @@ from typing import Optional
 from ..manifest import GraphSpec, Manifest
 from .errors import EngineError
 
-PREFILL, DECODE, ROWS = "prefill", "decode", "rows"
+PREFILL, DECODE, ROWS, DECIDER_ROWS = "prefill", "decode", "rows", "decider"
 Range = tuple[int, int, int]  # (min, opt, max)
 
 
@@ -85,11 +87,17 @@ def dim_ranges(options: BuildOptions) -> dict[str, dict[str, Range]]:
         DECODE: {"batch": batch, "sequence": (1, 1, 1), "past_length": past,
                  "total_length": (past[0] + 1, past[1] + 1, past[2] + 1)},
         ROWS: {"rows": (1, 1, b * s)},
+        DECIDER_ROWS: {"rows": (1, 1, b)},
     }
 
 
-def profile_kinds(spec: GraphSpec) -> list[str]:
-    """Which profiles a graph gets: prefill + decode when it sees a sequence, else one rows profile."""
+def profile_kinds(spec: GraphSpec, graph: str = "") -> list[str]:
+    """Which profiles a graph gets: prefill + decode when it sees a sequence, one decider profile
+    for the exit decider, else one rows profile."""
+    from .metadata import DECIDER
+
+    if graph == DECIDER:
+        return [DECIDER_ROWS]
     symbols = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
     return [PREFILL, DECODE] if "sequence" in symbols else [ROWS]
 
@@ -98,7 +106,7 @@ def graph_profiles(graph: str, spec: GraphSpec, options: BuildOptions) -> list[P
     """The optimization profiles of one graph, in engine profile-index order."""
     ranges = dim_ranges(options)
     profiles = []
-    for kind in profile_kinds(spec):
+    for kind in profile_kinds(spec, graph):
         table = ranges[kind]
         shapes = {}
         for tensor in spec.inputs:

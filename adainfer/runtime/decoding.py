@@ -70,6 +70,9 @@ def truncate(state, length: int) -> None:
 
 def fill_skipped(model, state, run) -> None:
     """Give layers exit+1 .. L the exit state's keys and values (they never ran for these tokens)."""
+    if hasattr(model, "fill_skipped"):  # the tensorrt backend fills its device-side cache itself
+        model.fill_skipped(state, run)
+        return
     if not model.has_kv_fill:
         raise BundleError("this bundle has no kv_fill graphs (re-export it to generate with early exit)")
     for layer in range(run.exit_layer + 1, model.num_layers + 1):

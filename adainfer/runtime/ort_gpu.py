@@ -23,9 +23,12 @@ import numpy as np
 
 from ..engines.errors import GpuUnavailableError
 from ..engines.profiles import BuildOptions, graph_profiles, shape_text, union_profile
+from ..errors import InputError
 from .bundle import Bundle, open_bundle
-from .model import DecodeState, Model
-from .sessions import make_session
+from .device_exit import DeviceDecider, run_blocks
+from .exit_policy import ExitPolicy
+from .model import DecodeState, LayerRun, Model
+from .sessions import make_session, session_options
 from .tokenizer import TextTokenizer
 
 PROVIDERS = {"ort-cuda": "CUDAExecutionProvider", "ort-trt": "TensorrtExecutionProvider"}
@@ -70,6 +73,7 @@ class OrtGpuModel(Model):
         self.num_layers = m.num_layers
         self.session_calls = {g: 0 for g in m.graphs}
         self._ort = ort
+        self._decider, self._decider_session, self._decider_session_key = None, None, None
 
     def _device(self, array: np.ndarray):
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
@@ -119,12 +123,135 @@ class OrtGpuModel(Model):
         self.sessions[graph].run_with_iobinding(binding)
         return binding.get_outputs()
 
-    def run_layers(self, *args, **kwargs):
-        from ..errors import InputError
+    def final_logits(self, hidden_last: np.ndarray) -> np.ndarray:
+        self.session_calls["final_head"] += 1
+        (logits,) = self.sessions["final_head"].run(None, {"hidden_states": np.ascontiguousarray(hidden_last, dtype=np.float32)})
+        return logits
 
-        raise InputError(f"exit policies run on the onnxruntime (CPU) backend for now, not on {self.backend}")
+    def exit_features(self, hidden_last: np.ndarray):
+        self.session_calls["exit_head"] += 1
+        top1, prob, gap = self.sessions["exit_head"].run(["top1_id", "top1_prob", "gap"],
+                                                         {"hidden_states": np.ascontiguousarray(hidden_last, dtype=np.float32)})
+        return top1, prob, gap
 
-    finish_layers = run_layers
+    # ------------------------------------------------------------------ early exit
+
+    def run_layers(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray, decider=None) -> LayerRun:
+        """Embed and run the blocks with the hidden states on the device; with a `decider` stop where
+        it says (module docstring). `hidden` of the result is the exit block's output, on the host."""
+        from ..engines.decider import HIDDEN, LAYER_FRAC, PREVIOUS, layer_fractions
+
+        m = self.manifest
+        decider = self._exit_decider(decider)
+        batch, seq = input_ids.shape
+        state.attention_mask = np.concatenate([state.attention_mask, step_mask], axis=1)
+        position_ids = np.maximum(state.next_position[:, None] + np.cumsum(step_mask, axis=1) - 1, 0).astype(np.int64)
+        state.next_position = state.next_position + step_mask.sum(axis=1)
+        positions, mask = self._device(position_ids), self._device(state.attention_mask)
+        binding = self.sessions["embed"].io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        if "position_ids" in self._inputs["embed"]:
+            binding.bind_ortvalue_input("position_ids", positions)
+        binding.bind_output("hidden_states", "cuda", self.device_id)
+        hidden = {0: self._run("embed", binding)[0]}  # hidden[l]: output of block l (0: the embedding)
+
+        def block(layer: int) -> None:
+            name = m.block_name(layer - 1)
+            b = self.sessions[name].io_binding()
+            for key, value in (("hidden_states", hidden[layer - 1]), ("position_ids", positions), ("attention_mask", mask),
+                               ("past_key", state.keys[layer - 1]), ("past_value", state.values[layer - 1])):
+                b.bind_ortvalue_input(key, value)
+            for out in self._outputs[name]:
+                b.bind_output(out, "cuda", self.device_id)
+            hidden[layer], state.keys[layer - 1], state.values[layer - 1] = self._run(name, b)
+            hidden.pop(layer - 2, None)  # keep this block's input and output only
+
+        def last_rows(value) -> tuple:
+            if seq == 1:  # (batch, 1, hidden) on the device is already (batch, hidden) rows
+                return ("cuda", value.data_ptr())
+            return ("cpu", np.ascontiguousarray(value.numpy()[:, -1, :]))  # prefill: batch x hidden floats
+
+        def decide(layer: int, d: DeviceDecider) -> dict:
+            session = self._decider_session
+            b = session.io_binding()
+            feeds = {HIDDEN: hidden[layer], PREVIOUS: hidden[layer - 1]}
+            names = [i.name for i in session.get_inputs()]
+            for name in names:
+                if name == LAYER_FRAC:
+                    b.bind_cpu_input(name, layer_fractions(m.num_layers, batch)[layer - 1])
+                    continue
+                where, value = last_rows(feeds[name])
+                if where == "cuda":
+                    b.bind_input(name, "cuda", self.device_id, np.float32, [batch, m.hidden_size], value)
+                else:
+                    b.bind_cpu_input(name, value)
+            for name in d.outputs:
+                b.bind_output(name)  # to the host: score (4 bytes), top1_id (8 bytes) per row
+            session.run_with_iobinding(b)
+            return dict(zip(d.outputs, [v.numpy() for v in b.get_outputs()]))
+
+        if isinstance(decider, DeviceDecider) or decider is None:
+            exit_layer, decisions, decision = run_blocks(m.num_layers, block, decide, decider)
+        else:  # ExitDecider on the host: 2 x hidden floats per row come down per evaluated layer
+            exit_layer, decisions, decision = m.num_layers, 0, None
+            for layer in range(1, m.num_layers + 1):
+                block(layer)
+                if decider.evaluates(layer):
+                    decisions += 1
+                    current = hidden[layer].numpy()[:, -1, :]
+                    previous = hidden[layer - 1].numpy()[:, -1, :]
+                    decision = decider.decide(layer, current, previous)
+                    if decision.stop:
+                        exit_layer = layer
+                        break
+                    decision = None
+        state.complete_layers = exit_layer if exit_layer < m.num_layers else None
+        return LayerRun(hidden[exit_layer].numpy(), position_ids, exit_layer, decisions,
+                        decision.token if decision is not None else None)
+
+    def decider(self):
+        """The bundle's calibrated exit policy for this backend (None if never calibrated)."""
+        if self._decider is None:
+            from .early_exit import load_policy
+
+            policy = load_policy(self)
+            self._decider = self._exit_decider(policy) if policy is not None else None
+        return self._decider
+
+    def _exit_decider(self, decider):
+        """A DeviceDecider for folded policies (decider graph on the GPU), else an ExitDecider on the host."""
+        from .early_exit import ExitDecider
+
+        if decider is None or isinstance(decider, DeviceDecider):
+            return decider
+        policy = decider if isinstance(decider, ExitPolicy) else decider.policy
+        if policy.decision != "folded":
+            return decider if isinstance(decider, ExitDecider) else ExitDecider(self, policy)
+        device = DeviceDecider(policy, self.num_layers, self.backend)
+        key = (policy.head_file, tuple(policy.features))
+        if self._decider_session is None or self._decider_session_key != key:
+            from ..engines.decider import decider_model
+
+            try:
+                model = decider_model(self.bundle.root / policy.head_file, policy, self.manifest.hidden_size)
+            except ModuleNotFoundError:
+                raise GpuUnavailableError("early exit on the ONNX Runtime GPU backends needs the onnx package "
+                                          "(pip install 'adainfer[gpu]')") from None
+            self._decider_session = self._ort.InferenceSession(
+                model.SerializeToString(), sess_options=session_options(),
+                providers=[("CUDAExecutionProvider", {"device_id": self.device_id})])
+            self._decider_session_key = key
+        return device
+
+    def stream(self, *args, **kwargs):
+        if kwargs.get("mode", "full") != "full":
+            raise InputError(f"the {self.backend} backend generates at full depth (its early-exit decisions run through "
+                             f"run_layers / early_exit.predict); use --backend tensorrt or onnxruntime for --mode "
+                             f"{kwargs['mode']}")
+        return super().stream(*args, **kwargs)
+
+    def finish_layers(self, *args, **kwargs):
+        raise InputError(f"the {self.backend} backend does not re-run skipped blocks (finish_layers)")
 
 
 def load_ort_gpu(bundle_dir, backend: str = "ort-cuda", check_digests: bool = True, fp16: bool = False,

@@ -19,6 +19,17 @@ graphs: the second time a (graph, shapes, addresses) key is seen its ordinary en
 followed by a capture (TensorRT wants an enqueue after a shape change before capturing), and
 later occurrences replay the graph (`cudaGraphLaunch`). `cuda_graphs=False` turns this off.
 
+Early exit (`run_layers(..., decider)`, `early_exit.predict`, `mode="early-exit"`): after each
+evaluated block the exit decider engine (`exit_decider`, built by `build-engines` from the
+calibration's folded exit head, with cos_prev / norm_ratio / layer_frac computed inside it:
+engines/decider.py) runs on the last position's hidden state and the previous block's, both
+still on the device (the two ping-pong buffers; `layer_frac` comes from a device table). Only
+`score` (4 bytes) and `top1_id` (8 bytes) per batch row come back, and the stream synchronizes
+once per evaluated layer; the threshold is compared on the host (runtime/device_exit.py).
+Policies scored by classifier.onnx (ONNX-ML ops) are refused in one line. After an exit, the
+skipped layers' keys and values come from the `kv_fill_NN` engines, written into the cache on
+the device, so generation can go on (`fill_skipped`).
+
 One generation at a time per model: the staging buffers are the model's.
 """
 
@@ -32,10 +43,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..engines.errors import EngineError
+from ..engines.metadata import DECIDER
 from ..errors import InputError
 from . import cuda_rt
 from .bundle import Bundle, open_bundle
-from .model import DecodeState, Model
+from .device_exit import DeviceDecider, device_decider, run_blocks
+from .model import DecodeState, LayerRun, Model
 from .tokenizer import TextTokenizer
 
 MAX_GRAPHS = 4096
@@ -129,6 +142,67 @@ class _Engine:
         return exec_
 
 
+class DeviceHidden:
+    """Hidden states (batch, seq, hidden) that `run_layers` left on the device; valid until the
+    model's next call. `[:, -1, :]` gives `DeviceRows` (read on the device by `final_logits` and
+    `fill_skipped`); any other use copies them to the host."""
+
+    def __init__(self, model: "TensorRTModel", buffer, batch: int, seq: int):
+        self.model, self.buffer = model, buffer
+        self.shape = (batch, seq, model.manifest.hidden_size)
+        self.dtype = np.dtype(np.float32)
+
+    def numpy(self) -> np.ndarray:
+        out = self.buffer.download(np.empty(self.shape, dtype=np.float32), self.model.stream)
+        cuda_rt.synchronize(self.model.stream)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        return self.numpy() if dtype is None else self.numpy().astype(dtype)
+
+    def __getitem__(self, key):
+        if key == (slice(None), -1, slice(None)):
+            return DeviceRows(self)
+        return self.numpy()[key]
+
+
+class DeviceRows:
+    """The last position's rows (batch, hidden) of a `DeviceHidden`."""
+
+    def __init__(self, hidden: DeviceHidden):
+        self.hidden = hidden
+        self.shape = (hidden.shape[0], hidden.shape[2])
+        self.dtype = np.dtype(np.float32)
+
+    def ptr(self) -> int:
+        batch, seq, _ = self.hidden.shape
+        return self.hidden.model._last_rows(self.hidden.buffer, batch, seq)
+
+    def numpy(self) -> np.ndarray:
+        model = self.hidden.model
+        out = np.empty(self.shape, dtype=np.float32)
+        cuda_rt.check(cuda_rt.cudart().cudaMemcpyAsync(out.ctypes.data, self.ptr(), out.nbytes,
+                                                       cuda_rt.cudart().cudaMemcpyKind.cudaMemcpyDeviceToHost, model.stream))
+        cuda_rt.synchronize(model.stream)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        return self.numpy() if dtype is None else self.numpy().astype(dtype)
+
+
+@dataclass
+class _Pass:
+    """One pass through the blocks: its shapes, profile and positions."""
+
+    batch: int
+    seq: int
+    past: int
+    total: int
+    profile: int
+    graphs: bool
+    position_ids: np.ndarray
+
+
 class TensorRTModel(Model):
     """A bundle on TensorRT engines built on this device by `adainfer build-engines`."""
 
@@ -153,8 +227,12 @@ class TensorRTModel(Model):
         self.stream = cuda_rt.new_stream()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        self.record, self.engines_dir = record, directory
+        self._decider, self._pass = None, None
         self.engines = {}
-        for graph in m.graphs:
+        for graph in [*m.graphs, *([DECIDER] if DECIDER in record["graphs"] else [])]:
+            if graph not in record["graphs"]:
+                raise EngineError(f"the engine record has no {graph}; rebuild with `adainfer build-engines {bundle.root}`")
             path = directory / record["graphs"][graph]["file"]
             if not path.is_file():
                 raise EngineError(f"missing engine {path}; rebuild with `adainfer build-engines {bundle.root}`")
@@ -162,11 +240,22 @@ class TensorRTModel(Model):
         h, b, s = m.hidden_size, self.max_batch, self.max_seq
         self._hidden = [cuda_rt.DeviceBuffer(b * s * h * 4), cuda_rt.DeviceBuffer(b * s * h * 4)]
         self._rows = cuda_rt.DeviceBuffer(b * h * 4)
+        self._rows_prev = cuda_rt.DeviceBuffer(b * h * 4)
+        kv_row = m.num_kv_heads * m.head_dim * 4
+        self._fill = [cuda_rt.DeviceBuffer(b * s * kv_row), cuda_rt.DeviceBuffer(b * s * kv_row)]  # kv_fill outputs
         self._ids = cuda_rt.DeviceBuffer(b * s * 8)
         self._positions = cuda_rt.DeviceBuffer(b * s * 8)
         self._mask = cuda_rt.DeviceBuffer(b * self.max_context * 8)
         self._logits = cuda_rt.DeviceBuffer(b * m.vocab_size * 4)
         self._exit = {o: cuda_rt.DeviceBuffer(b * 8) for o in self.engines["exit_head"].outputs}
+        self._decider_out, self._fractions = {}, None
+        if DECIDER in self.engines:
+            from ..engines.decider import layer_fractions
+
+            self._decider_out = {o: cuda_rt.DeviceBuffer(b * 8) for o in self.engines[DECIDER].outputs}
+            self._fractions = cuda_rt.DeviceBuffer(m.num_layers * b * 4)  # layer_frac of every layer, uploaded once
+            self._fractions.upload(layer_fractions(m.num_layers, b), self.stream)
+            cuda_rt.synchronize(self.stream)
         self.last_exit_features: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ state
@@ -198,6 +287,21 @@ class TensorRTModel(Model):
     def forward_device(self, input_ids, state: DeviceDecodeState, step_mask, depth=None, probe_layers=()):
         m = self.manifest
         depth = m.num_layers if depth is None else depth
+        p = self._begin(input_ids, state, step_mask, depth)
+        self.last_exit_features = {}
+        for layer in range(depth):
+            self._block(p, layer, state)
+            if layer + 1 in probe_layers:
+                rows = self._last_rows(self._hidden[(layer + 1) % 2], p.batch, p.seq)
+                self.last_exit_features[layer + 1] = self._exit_head(rows, p.batch, p.graphs)
+        rows = self._last_rows(self._hidden[depth % 2], p.batch, p.seq)
+        self._call("final_head", 0, {"hidden_states": (p.batch, m.hidden_size)},
+                   {"hidden_states": rows, "logits": self._logits.ptr}, p.graphs)
+        return self._logits
+
+    def _begin(self, input_ids, state: DeviceDecodeState, step_mask, depth: int) -> _Pass:
+        """Check the step against the engines and the cache, extend the mask, embed into hidden buffer 0."""
+        m = self.manifest
         if not 1 <= depth <= m.num_layers:
             raise InputError(f"depth must be in 1..{m.num_layers}, got {depth}")
         batch, seq = input_ids.shape
@@ -214,9 +318,8 @@ class TensorRTModel(Model):
         position_ids = state.next_position[:, None] + np.cumsum(step_mask, axis=1) - 1
         position_ids = np.maximum(position_ids, 0).astype(np.int64)
         state.next_position = state.next_position + step_mask.sum(axis=1)
-        total = state.length
         profile = 0 if past == 0 else 1
-        graphs = self.cuda_graphs and profile == 1
+        p = _Pass(batch, seq, past, state.length, profile, self.cuda_graphs and profile == 1, position_ids)
 
         embed = self.engines["embed"]
         self._upload(self._ids, input_ids, embed.dtypes["input_ids"])
@@ -225,38 +328,129 @@ class TensorRTModel(Model):
         feeds = {"input_ids": self._ids.ptr, "position_ids": self._positions.ptr, "hidden_states": self._hidden[0].ptr}
         shapes = {"input_ids": (batch, seq), "position_ids": (batch, seq)}
         self._call("embed", profile, {k: shapes[k] for k in embed.inputs},
-                   {k: feeds[k] for k in embed.inputs + embed.outputs}, graphs)
+                   {k: feeds[k] for k in embed.inputs + embed.outputs}, p.graphs)
+        return p
 
-        h = m.hidden_size
-        kv = (batch, m.num_kv_heads)
-        self.last_exit_features = {}
-        for layer in range(depth):
-            name = m.block_name(layer)
-            past_k, past_v = state.cache.past(layer, past)
-            present_k, present_v = state.cache.present(layer, total)
-            self._call(name, profile,
-                       {"hidden_states": (batch, seq, h), "position_ids": (batch, seq), "attention_mask": (batch, total),
-                        "past_key": (*kv, past, m.head_dim), "past_value": (*kv, past, m.head_dim)},
-                       {"hidden_states": self._hidden[layer % 2].ptr, "position_ids": self._positions.ptr,
-                        "attention_mask": self._mask.ptr, "past_key": past_k, "past_value": past_v,
-                        "hidden_states_out": self._hidden[(layer + 1) % 2].ptr, "present_key": present_k,
-                        "present_value": present_v}, graphs)
-            state.cache.lengths[layer] = total
-            if layer + 1 in probe_layers:
-                rows = self._last_rows(self._hidden[(layer + 1) % 2], batch, seq)
-                self.last_exit_features[layer + 1] = self._exit_head(rows, batch, graphs)
-        rows = self._last_rows(self._hidden[depth % 2], batch, seq)
-        self._call("final_head", 0, {"hidden_states": (batch, h)},
-                   {"hidden_states": rows, "logits": self._logits.ptr}, graphs)
-        return self._logits
+    def _block(self, p: _Pass, layer: int, state: DeviceDecodeState) -> None:
+        """Block `layer` (0-based): hidden buffer layer % 2 -> (layer + 1) % 2, cache past -> total."""
+        m = self.manifest
+        kv = (p.batch, m.num_kv_heads)
+        past_k, past_v = state.cache.past(layer, p.past)
+        present_k, present_v = state.cache.present(layer, p.total)
+        self._call(m.block_name(layer), p.profile,
+                   {"hidden_states": (p.batch, p.seq, m.hidden_size), "position_ids": (p.batch, p.seq),
+                    "attention_mask": (p.batch, p.total), "past_key": (*kv, p.past, m.head_dim),
+                    "past_value": (*kv, p.past, m.head_dim)},
+                   {"hidden_states": self._hidden[layer % 2].ptr, "position_ids": self._positions.ptr,
+                    "attention_mask": self._mask.ptr, "past_key": past_k, "past_value": past_v,
+                    "hidden_states_out": self._hidden[(layer + 1) % 2].ptr, "present_key": present_k,
+                    "present_value": present_v}, p.graphs)
+        state.cache.lengths[layer] = p.total
 
-    def _last_rows(self, hidden, batch: int, seq: int) -> int:
-        """Device address of (batch, hidden) last-position rows: the buffer itself for one token."""
+    # ------------------------------------------------------------------ early exit on the device
+
+    def run_layers(self, input_ids: np.ndarray, state: DeviceDecodeState, step_mask: np.ndarray, decider=None) -> LayerRun:
+        """Embed and run the blocks on the device; with a `decider` (an ExitDecider, ExitPolicy or
+        DeviceDecider) stop where the on-device exit decision says. `hidden` is a `DeviceHidden`."""
+        decider = self._device_decider(decider)
+        p = self._begin(input_ids, state, step_mask, self.num_layers)
+        self._pass = p
+        exit_layer, decisions, decision = run_blocks(self.num_layers, lambda layer: self._block(p, layer - 1, state),
+                                                     lambda layer, d: self._decide(p, layer, d), decider)
+        state.complete_layers = exit_layer if exit_layer < self.num_layers else None
+        return LayerRun(DeviceHidden(self, self._hidden[exit_layer % 2], p.batch, p.seq), p.position_ids, exit_layer,
+                        decisions, decision.token if decision is not None else None)
+
+    def decider(self) -> Optional[DeviceDecider]:
+        """The bundle's calibrated exit policy as an on-device decider (None if never calibrated)."""
+        if self._decider is None:
+            from .early_exit import load_policy
+
+            policy = load_policy(self)
+            self._decider = self._device_decider(policy) if policy is not None else None
+        return self._decider
+
+    def _device_decider(self, decider) -> Optional[DeviceDecider]:
+        decider = device_decider(decider, self.num_layers, "tensorrt")
+        if decider is not None and decider.graph == DECIDER:
+            from ..engines.decider import extra_features
+            from ..engines.metadata import check_decider
+            from ..manifest import sha256_of
+
+            head_file = decider.policy.head_file
+            listed = next((a.sha256 for a in self.manifest.attachments.values() if a.file == head_file), None)
+            sha = listed or (sha256_of(self.bundle.root / head_file) if (self.bundle.root / head_file).is_file() else None)
+            check_decider(self.record, sha, extra_features(decider.policy), self.bundle.root)
+        return decider
+
+    def _decide(self, p: _Pass, layer: int, decider: DeviceDecider) -> dict:
+        """Run the decision graph after block `layer` (1-based) on the device; copy back its few outputs."""
+        from ..engines.decider import HIDDEN, LAYER_FRAC, PREVIOUS
+
+        m, batch = self.manifest, p.batch
+        current, previous = self._hidden[layer % 2], self._hidden[(layer - 1) % 2]
+        if decider.graph == "exit_head":
+            top1, prob, gap = self._exit_head(self._last_rows(current, batch, p.seq), batch, p.graphs)
+            cuda_rt.synchronize(self.stream)
+            return {"top1_id": top1, "top1_prob": prob, "gap": gap}
+        engine = self.engines[DECIDER]
+        shapes = {HIDDEN: (batch, m.hidden_size), PREVIOUS: (batch, m.hidden_size), LAYER_FRAC: (batch, 1)}
+        addresses = {}
+        if HIDDEN in engine.inputs:
+            addresses[HIDDEN] = self._last_rows(current, batch, p.seq)
+        if PREVIOUS in engine.inputs:
+            addresses[PREVIOUS] = self._last_rows(previous, batch, p.seq, into=self._rows_prev)
+        if LAYER_FRAC in engine.inputs:
+            addresses[LAYER_FRAC] = self._fractions.ptr + (layer - 1) * self.max_batch * 4
+        addresses.update({o: self._decider_out[o].ptr for o in engine.outputs})
+        self._call(DECIDER, 0, {k: shapes[k] for k in engine.inputs}, addresses, p.graphs)
+        out = {name: self._decider_out[name].download(np.empty(batch, dtype=engine.dtypes[name]), self.stream)
+               for name in decider.outputs}  # score: 4 bytes, top1_id: 8 bytes per row
+        cuda_rt.synchronize(self.stream)
+        return out
+
+    def fill_skipped(self, state: DeviceDecodeState, run: LayerRun) -> None:
+        """Give layers exit+1 .. L this step's keys and values from the exit hidden state (the
+        `kv_fill_NN` engines), appended to their caches on the device (CALM's propagation)."""
+        m, p = self.manifest, self._pass
+        if not self.has_kv_fill:
+            from ..errors import BundleError
+
+            raise BundleError("this bundle has no kv_fill graphs (re-export it to generate with early exit)")
+        if not isinstance(run.hidden, DeviceHidden) or run.hidden.shape[:2] != (p.batch, p.seq):
+            raise InputError("fill_skipped takes the run_layers result of this model's last step")
+        row = m.head_dim * 4
+        rows = p.batch * m.num_kv_heads
+        rt = cuda_rt.cudart()
+        d2d = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        for layer in range(run.exit_layer, m.num_layers):  # 0-based: the skipped blocks
+            name = f"kv_fill_{layer:02d}"
+            self._call(name, p.profile, {"hidden_states": (p.batch, p.seq, m.hidden_size), "position_ids": (p.batch, p.seq)},
+                       {"hidden_states": run.hidden.buffer.ptr, "position_ids": self._positions.ptr,
+                        "key": self._fill[0].ptr, "value": self._fill[1].ptr}, p.graphs)
+            past_k, past_v = state.cache.past(layer, p.past)
+            present_k, present_v = state.cache.present(layer, p.total)
+            for src, new, dst in ((past_k, self._fill[0].ptr, present_k), (past_v, self._fill[1].ptr, present_v)):
+                if p.past:  # (batch, kv, past, hd) -> the first past positions of (batch, kv, total, hd)
+                    cuda_rt.check(rt.cudaMemcpy2DAsync(dst, p.total * row, src, p.past * row, p.past * row, rows, d2d, self.stream))
+                cuda_rt.check(rt.cudaMemcpy2DAsync(dst + p.past * row, p.total * row, new, p.seq * row, p.seq * row, rows,
+                                                   d2d, self.stream))
+            state.cache.lengths[layer] = p.total
+        state.complete_layers = None
+
+    @property
+    def has_kv_fill(self) -> bool:
+        return self.num_layers == 0 or "kv_fill_00" in self.engines
+
+    def _last_rows(self, hidden, batch: int, seq: int, into=None) -> int:
+        """Device address of (batch, hidden) last-position rows: the buffer itself for one token,
+        else a copy into `into` (default: the rows buffer)."""
         if seq == 1:
             return hidden.ptr
+        into = self._rows if into is None else into
         row = self.manifest.hidden_size * 4
-        cuda_rt.copy_rows(self._rows.ptr, hidden.ptr + (seq - 1) * row, batch, row, seq * row, self.stream)
-        return self._rows.ptr
+        cuda_rt.copy_rows(into.ptr, hidden.ptr + (seq - 1) * row, batch, row, seq * row, self.stream)
+        return into.ptr
 
     def _exit_head(self, rows_ptr: int, batch: int, graphs: bool):
         head = self.engines["exit_head"]
@@ -277,12 +471,18 @@ class TensorRTModel(Model):
 
     # ------------------------------------------------------------------ heads from host arrays
 
-    def final_logits(self, hidden_last: np.ndarray) -> np.ndarray:
-        rows = np.ascontiguousarray(hidden_last, dtype=np.float32)
-        self._check_rows(rows)
-        self._rows.upload(rows, self.stream)
-        self._call("final_head", 0, {"hidden_states": rows.shape}, {"hidden_states": self._rows.ptr, "logits": self._logits.ptr}, False)
-        out = self._logits.download(np.empty((rows.shape[0], self.manifest.vocab_size), dtype=np.float32), self.stream)
+    def final_logits(self, hidden_last) -> np.ndarray:
+        """Logits of (rows, hidden) hidden states: host arrays, or `run.hidden[:, -1, :]` of a
+        `run_layers` result, which stays on the device."""
+        if isinstance(hidden_last, DeviceRows):
+            shape, ptr = hidden_last.shape, hidden_last.ptr()
+        else:
+            rows = np.ascontiguousarray(hidden_last, dtype=np.float32)
+            self._check_rows(rows)
+            self._rows.upload(rows, self.stream)
+            shape, ptr = rows.shape, self._rows.ptr
+        self._call("final_head", 0, {"hidden_states": shape}, {"hidden_states": ptr, "logits": self._logits.ptr}, False)
+        out = self._logits.download(np.empty((shape[0], self.manifest.vocab_size), dtype=np.float32), self.stream)
         cuda_rt.synchronize(self.stream)
         return out
 
@@ -303,11 +503,15 @@ class TensorRTModel(Model):
 
     block = embed
 
-    def run_layers(self, *args, **kwargs):
-        raise InputError("exit policies run on the onnxruntime backend for now; the tensorrt backend runs full depth "
-                         "or a forced depth (forward(..., depth=k))")
+    def stream(self, *args, **kwargs):
+        if kwargs.get("mode", "full") == "speculative":
+            raise InputError("the tensorrt backend generates in modes full and early-exit (speculative decoding rolls the "
+                             "cache back, which its device cache does not do yet)")
+        return super().stream(*args, **kwargs)
 
-    finish_layers = run_layers
+    def finish_layers(self, *args, **kwargs):
+        raise InputError("the tensorrt backend does not re-run skipped blocks; after an early exit it fills their "
+                         "cache with fill_skipped (kv_fill engines)")
 
     # ------------------------------------------------------------------ timing
 
