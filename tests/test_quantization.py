@@ -60,10 +60,13 @@ def test_int8_dynamic_graphs_hold_integer_matmuls(bundles, stories_bundle):
     assert all(t == FLOAT for t in _io_types(block).values() if t != onnx.TensorProto.INT64)
     assert _io_types(block) == _io_types(stories_bundle / "block_00.onnx")
     assert _ops(bundles["int8-dynamic"] / "final_head.onnx") == _ops(stories_bundle / "final_head.onnx")  # heads untouched
+    kv_fill = bundles["int8-dynamic"] / "kv_fill_00.onnx"  # norm + K and V projections: two weight MatMuls
+    assert _ops(kv_fill)["MatMulInteger"] == 2 and _float_weight_matmuls(kv_fill) == 0
+    assert _io_types(kv_fill) == _io_types(stories_bundle / "kv_fill_00.onnx")
 
 
 def test_int8_weight_graphs_hold_8bit_matmulnbits(bundles, stories_bundle):
-    for name in ["block_00.onnx", "exit_head.onnx", "final_head.onnx"]:
+    for name in ["block_00.onnx", "kv_fill_04.onnx", "exit_head.onnx", "final_head.onnx"]:
         model = onnx.load(str(bundles["int8-weight"] / name))
         nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         assert nbits and all(a.i == 8 for n in nbits for a in n.attribute if a.name == "bits"), name
@@ -87,6 +90,9 @@ def test_fp16_keeps_norms_softmax_and_residuals_in_float32(bundles):
     inits = {t.name: t.data_type for t in model.graph.initializer}
     assert inits["input_layernorm.weight"] == FLOAT and inits["post_attention_layernorm.weight"] == FLOAT
     assert sum(t == onnx.TensorProto.FLOAT16 for t in inits.values()) == 7
+    kv_fill = onnx.load(str(bundles["fp16"] / "kv_fill_00.onnx"))
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in kv_fill.graph.initializer) == 2
+    assert _float_weight_matmuls(bundles["fp16"] / "kv_fill_00.onnx") == 0
 
 
 def test_fp16_logits_within_2e_2_of_fp32(bundles, stories_bundle, stories_tokenizer):
@@ -104,10 +110,28 @@ def test_int8_greedy_generation_runs(bundles, stories_bundle, precision):
     assert got.tokens[:3] == want.tokens[:3]
 
 
+@pytest.mark.parametrize("precision", ["fp16", "int8-dynamic", "int8-weight"])
+def test_quantized_kv_fill_keeps_early_exit_generation_close(bundles, stories_bundle, precision):
+    """A forced exit after 3 of 5 blocks fills the skipped layers' caches with the converted kv_fill graphs."""
+    from adainfer.runtime.exit_policy import ExitPolicy
+
+    fp32, model = rt.load(stories_bundle), rt.load(bundles[precision])
+    ids = model.encode("Once upon a time, there was a")
+    hidden = np.random.default_rng(0).normal(size=(1, 4, model.manifest.hidden_size)).astype(np.float32)
+    positions = np.arange(4, dtype=np.int64)[None, :]
+    for layer in (1, 4):
+        want = fp32.kv_fill(layer, hidden, positions)
+        got = model.kv_fill(layer, hidden, positions)
+        assert all(np.max(np.abs(g - w)) < 0.1 * max(1.0, np.max(np.abs(w))) for g, w in zip(got, want))
+    model.session_calls = {n: 0 for n in model.session_calls}
+    out = model.generate(ids, max_new_tokens=12, mode="early-exit", policy=ExitPolicy.forced(3), stop_at_eos=False)
+    assert out.new_tokens == 12 and model.session_calls["kv_fill_04"] > 0 and model.session_calls["block_04"] <= 1
+
+
 def test_manifest_records_precision_per_graph(bundles):
     for precision, heads in [("fp16", False), ("int8-dynamic", False), ("int8-weight", True)]:
         manifest = rt.load(bundles[precision]).manifest
-        for name in manifest.block_names:
+        for name in manifest.block_names + [f"kv_fill_{i:02d}" for i in range(manifest.num_layers)]:
             assert manifest.graphs[name].precision == precision
         for name in ["embed", "exit_head", "final_head"]:
             assert manifest.graphs[name].precision == (precision if heads else "fp32")
@@ -179,3 +203,100 @@ def test_gpt2_gemm_is_quantized_too(tmp_path):
         got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
         for g, w in zip(got, want):
             assert np.max(np.abs(g - w)) < 5e-2 * max(1.0, np.max(np.abs(w))), precision
+
+
+# ----------------------------------------------------------------------------- early exit on quantized bundles
+
+
+@pytest.fixture(scope="module")
+def calibrated_pair(bundles, stories_bundle, tmp_path_factory):
+    """An fp32 copy and an int8-weight copy (heads converted too) of stories260K, each calibrated on its own."""
+    import shutil
+
+    from adainfer.calib.calibrate import calibrate
+    from adainfer.paths import DEFAULT_CALIB_DATA
+
+    root = tmp_path_factory.mktemp("quant-calib")
+    out = {}
+    for name, src in [("fp32", stories_bundle), ("int8-weight", bundles["int8-weight"])]:
+        out[name] = root / name
+        shutil.copytree(src, out[name])
+        # full-head: the folded decider extends the exit head, the case a transfer must rebuild on int8 heads
+        out[name + "-report"] = calibrate(out[name], DEFAULT_CALIB_DATA, limit=16, progress=False, variant="full-head")
+    return out
+
+
+def test_calib_on_an_int8_bundle_trains_its_own_classifier(calibrated_pair):
+    from adainfer.runtime.early_exit import load_policy
+
+    bundle, report = calibrated_pair["int8-weight"], calibrated_pair["int8-weight-report"]
+    model = rt.load(bundle)
+    policy = load_policy(model)  # accepted: calibrated for this export's digest
+    assert policy.extras["manifest_digest"] == model.manifest.digest() != rt.load(calibrated_pair["fp32"]).manifest.digest()
+    assert "transferred_from" not in policy.extras
+    assert report["chosen"]["agreement"] >= 0.99 and report["classifier_onnx"]
+    assert model.manifest.graphs["exit_head"].precision == "int8-weight"
+    out = model.generate("Once upon a time", max_new_tokens=16, mode="early-exit", stop_at_eos=False)
+    assert out.new_tokens == 16
+
+
+def test_reuse_policy_transfers_the_fp32_classifier(calibrated_pair, bundles, tmp_path):
+    """The fp32 policy in the int8 bundle: destination digest, transferred_from, stale calib files gone,
+    and the folded head rebuilt on the int8 exit head decides exactly as the copied classifier does."""
+    import dataclasses
+    import shutil
+
+    from adainfer.calib.transfer import reuse_policy
+    from adainfer.runtime.early_exit import ExitDecider, load_policy, trace
+
+    src = calibrated_pair["fp32"]
+    dst = tmp_path / "int8"
+    shutil.copytree(calibrated_pair["int8-weight"], dst)
+    src_policy = load_policy(rt.load(src))
+    policy = reuse_policy(src, dst)
+    model = rt.load(dst)
+    assert load_policy(model) == policy
+    assert policy.extras["manifest_digest"] == model.manifest.digest()
+    assert policy.extras["transferred_from"] == rt.load(src).manifest.digest()
+    assert policy.extras["refolded_on_destination_exit_head"] is (policy.decision == "folded")
+    assert (policy.threshold, policy.features, policy.name) == (src_policy.threshold, src_policy.features, src_policy.name)
+    assert (dst / "classifier.onnx").read_bytes() == (src / "classifier.onnx").read_bytes()
+    assert "calib_report" not in model.manifest.attachments and not (dst / "calib_report.json").exists()
+    assert not [k for k in model.manifest.attachments if k.startswith("plot_")]
+    assert model.manifest.extras["exit_decision"] == policy.decision
+    # the decider the runtime builds from the copied files against the copied classifier on int8 head features
+    hidden = trace(model, model.encode("Once upon a time, there was a little girl"))
+    as_classifier = ExitDecider(model, dataclasses.replace(policy, decision="classifier", head_file=None))
+    as_written = ExitDecider(model, policy)
+    for layer in range(1, model.num_layers):
+        got = as_written.score(as_written.features(layer, hidden[layer], hidden[layer - 1]))
+        want = as_classifier.score(as_classifier.features(layer, hidden[layer], hidden[layer - 1]))
+        assert np.max(np.abs(got - want)) < 1e-4
+    assert model.generate("Once upon a time", max_new_tokens=8, mode="early-exit").new_tokens > 0
+
+
+def test_reuse_policy_cli_and_refusals(calibrated_pair, bundles, tmp_path):
+    import json
+    import shutil
+
+    from adainfer.calib.transfer import reuse_policy
+    from adainfer.runtime.early_exit import load_policy
+
+    dst = tmp_path / "int8-dynamic"
+    shutil.copytree(bundles["int8-dynamic"], dst)
+    code, out, err = run_cli("adainfer", "calib", str(dst), "--reuse-policy", str(calibrated_pair["fp32"]), "--json")
+    assert code == 0, err
+    assert json.loads(out)["extras"]["refolded_on_destination_exit_head"] is False  # heads stay fp32 here
+    assert load_policy(rt.load(dst)).extras["transferred_from"] == rt.load(calibrated_pair["fp32"]).manifest.digest()
+    with pytest.raises(AdainferError, match="has no exit policy to reuse"):
+        reuse_policy(bundles["fp16"], dst)
+    shutil.copytree(calibrated_pair["fp32"], tmp_path / "fp32-copy")
+    with pytest.raises(AdainferError, match="same export"):
+        reuse_policy(calibrated_pair["fp32"], tmp_path / "fp32-copy")
+    other = tmp_path / "tiny"
+    export_model(tiny_model("llama"), other, verify=False)
+    with pytest.raises(AdainferError, match="another model") as info:
+        reuse_policy(calibrated_pair["fp32"], other)
+    assert "\n" not in str(info.value)
+    code, _, err = run_cli("adainfer", "calib", str(dst), "--reuse-policy", str(tmp_path / "missing"))
+    assert code == 2 and len(err.strip().splitlines()) == 1

@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/quant_study.py [--out out/quant_study] [--models stories260K random-llama]
                                           [--precisions fp32 fp16 int8-weight int8-dynamic] [--quantize-heads]
+                                          [--sst2 FILE] [--no-early-exit]
 
 For each model and precision the model is exported (`adainfer.exporter.export_model`, verified at
 the precision's stated tolerance) and measured in a fresh subprocess with the light runtime only
@@ -21,6 +22,19 @@ random weights (seed 0), saved with `save_pretrained`; it has no tokenizer, so i
 stories tokenizer's ids of the same text modulo its vocabulary (the ids are < 512, so unchanged).
 Its perplexity is that of random weights (about the vocabulary size): only its agreement and
 the differences between precisions mean something.
+
+Early exit (stories260K only; on random weights the exit columns would be meaningless and are
+left out): for each precision, the exit is calibrated (`adainfer calib`'s `calibrate`, target
+agreement 0.99) on that precision's own bundle ("recal") and, separately, the fp32 bundle's
+calibrated policy is copied in (`adainfer calib --reuse-policy`, "fp32 clf"); both are evaluated
+with `adainfer eval`'s `evaluate` on data never calibrated on:
+- TinyStories text: calibration on the first `EARLY_EXIT["text"]["calib"]` stories of the
+  bundled calibration file, evaluation on the first `["eval"]` stories of the held-out file;
+- SST-2 (`--sst2`, default ../shared/data/sst2_dev.tsv): prompts "Review: ...\nSentiment:" with
+  one demonstration, the label word scored; rows [0, calib) calibrate with the paper's labels
+  (`label="gold"`: a layer is positive when its answer is the gold label), rows
+  [calib, calib + eval) evaluate. Full-depth accuracy per precision on the evaluation rows.
+Agreement is with the same bundle at full depth; compute saved counts the decisions' own cost.
 
 Outputs in --out: `quant_study.json` (every number and the settings), `quant_study.md` (the
 table, also printed) and `quant_study.png` (quality against block size). Adding a column: add a
@@ -57,6 +71,12 @@ RANDOM_LLAMA = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8
 #: per model: stories used for perplexity/agreement, tokens per story at most, prompt and decode lengths
 BUDGET = {"stories260K": dict(stories=60, ctx=256, prompt=128, decode=64),
           "random-llama": dict(stories=12, ctx=128, prompt=128, decode=32)}
+#: early exit: models it is measured for, and documents / rows for calibration and evaluation
+EARLY_EXIT_MODELS = ("stories260K",)
+EARLY_EXIT = {"text": dict(calib=60, eval=60, shots=0, label="final"),
+              "sst2": dict(calib=300, eval=300, shots=1, label="gold")}
+TARGET = 0.99
+SST2 = ROOT.parent / "shared" / "data" / "sst2_dev.tsv"
 
 
 # ----------------------------------------------------------------------------- measuring (subprocess)
@@ -212,6 +232,7 @@ def study_model(name: str, model_dir: Path, work: Path, args) -> list[dict]:
     from adainfer.exporter import export_model, load_model
 
     budget = BUDGET[name]
+    fp32_calibrated: dict = {}
     hf = load_model(model_dir)
     sequences = held_out_sequences(args.text, budget["stories"], budget["ctx"], hf.config.vocab_size)
     rows, reference = [], None
@@ -233,10 +254,118 @@ def study_model(name: str, model_dir: Path, work: Path, args) -> list[dict]:
         rows.append(row)
         print(f"  {name} {precision}: ppl {row['perplexity']:.3f}, agreement {row['top1_agreement']:.2%}, "
               f"blocks {row['blocks_mb']:.2f} MB, decode {row['decode_ms_per_token']:.2f} ms/token", flush=True)
+        if name in EARLY_EXIT_MODELS and not args.no_early_exit and "fp32" in args.precisions:
+            row.update(early_exit_columns(bundle, precision, fp32_calibrated, work, args))
     if "fp32" not in args.precisions:
         for row in rows:
             row["top1_agreement"] = float("nan")
     return rows
+
+
+def early_exit_columns(bundle: Path, precision: str, fp32_calibrated: dict, work: Path, args) -> dict:
+    """Recalibrated on this precision and fp32 classifier reused: agreement, compute saved, accuracy."""
+    import shutil
+
+    from adainfer.calib.calibrate import calibrate
+    from adainfer.calib.data import load_dataset
+    from adainfer.calib.evaluate import evaluate
+    from adainfer.calib.features import collect
+    from adainfer.calib.transfer import reuse_policy
+    from adainfer.errors import AdainferError
+    from adainfer.paths import DEFAULT_CALIB_DATA
+    from adainfer.runtime import load
+
+    setups = {"text": (DEFAULT_CALIB_DATA, args.text)}
+    if args.sst2.exists():
+        setups["sst2"] = (args.sst2, args.sst2)
+    out = {}
+    for task, (calib_file, eval_file) in setups.items():
+        b = EARLY_EXIT[task]
+        skip = b["calib"] if calib_file == eval_file else 0
+        eval_opts = dict(task=task, shots=b["shots"], limit=b["eval"], skip=skip, timing_samples=args.timing_samples)
+        recal = work / f"{bundle.name}-{task}-recal"
+        shutil.rmtree(recal, ignore_errors=True)
+        shutil.copytree(bundle, recal)
+        started = time.perf_counter()
+        try:
+            report = calibrate(recal, calib_file, task=task, label=b["label"], target=TARGET, shots=b["shots"],
+                               limit=b["calib"], progress=False)
+        except AdainferError as exc:  # e.g. int8-dynamic heads: activation scales depend on the batch's rows
+            print(f"    early exit {task}: calibration refused: {exc}", flush=True)
+            out[f"ee_{task}_refused"] = str(exc)
+            continue
+        calib_s = time.perf_counter() - started
+        results = {"recal": evaluate(recal, eval_file, **eval_opts)}
+        results["recal"].update(chosen=report["chosen"]["name"], calib_s=calib_s)
+        if precision == "fp32":
+            fp32_calibrated[task] = recal
+            results["reuse"] = results["recal"]
+        else:
+            reused = work / f"{bundle.name}-{task}-reuse"
+            shutil.rmtree(reused, ignore_errors=True)
+            shutil.copytree(bundle, reused)
+            reuse_policy(fp32_calibrated[task], reused)
+            results["reuse"] = evaluate(reused, eval_file, **eval_opts)
+        for how, r in results.items():
+            for key in ("agreement", "flops_saved", "flops_saved_excluding_decision", "mean_exit_layer", "accuracy"):
+                out[f"ee_{task}_{how}_{key}"] = r[key]
+            out[f"ee_{task}_{how}_policy"] = r["policy"]
+            out[f"ee_{task}_{how}_time_ratio"] = r["seconds_early_exit"] / r["seconds_full"]
+        out[f"ee_{task}_positions"] = results["recal"]["positions"]
+        out[f"ee_{task}_recal_chosen"] = results["recal"]["chosen"]
+        if task != "text":
+            model = load(bundle)
+            data = load_dataset(eval_file, task, model.tokenizer.encode, shots=b["shots"], limit=b["eval"], skip=skip,
+                                max_tokens=model.manifest.max_positions)
+            table = collect(model, data, keep_hidden=False, progress=False)
+            out[f"{task}_full_accuracy"] = float((table.final == table.gold).mean())
+        print(f"    early exit {task}: recal agreement {results['recal']['agreement']:.4f} saved "
+              f"{results['recal']['flops_saved']:+.1%}; fp32 clf agreement {results['reuse']['agreement']:.4f} "
+              f"saved {results['reuse']['flops_saved']:+.1%}", flush=True)
+    return out
+
+
+EE_COLUMNS = {
+    "text": [Column("precision", "precision", "{}"),
+             Column("ee_text_recal_agreement", "agreement, recal", "{:.4f}"),
+             Column("ee_text_recal_flops_saved", "compute saved, recal", "{:+.1%}"),
+             Column("ee_text_recal_mean_exit_layer", "mean exit layer, recal", "{:.2f}"),
+             Column("ee_text_reuse_agreement", "agreement, fp32 clf", "{:.4f}"),
+             Column("ee_text_reuse_flops_saved", "compute saved, fp32 clf", "{:+.1%}"),
+             Column("ee_text_reuse_mean_exit_layer", "mean exit layer, fp32 clf", "{:.2f}")],
+    "sst2": [Column("precision", "precision", "{}"),
+             Column("sst2_full_accuracy", "accuracy, full depth", "{:.3f}"),
+             Column("ee_sst2_recal_accuracy", "accuracy, recal", "{:.3f}"),
+             Column("ee_sst2_recal_agreement", "agreement, recal", "{:.4f}"),
+             Column("ee_sst2_recal_flops_saved", "compute saved, recal", "{:+.1%}"),
+             Column("ee_sst2_reuse_accuracy", "accuracy, fp32 clf", "{:.3f}"),
+             Column("ee_sst2_reuse_agreement", "agreement, fp32 clf", "{:.4f}"),
+             Column("ee_sst2_reuse_flops_saved", "compute saved, fp32 clf", "{:+.1%}")],
+}
+
+
+def early_exit_markdown(rows: list[dict]) -> str:
+    out = []
+    for task, columns in EE_COLUMNS.items():
+        model_rows = [r for r in rows if f"ee_{task}_recal_agreement" in r]
+        if not model_rows:
+            continue
+        b = EARLY_EXIT[task]
+        where = (f"calibrated on {b['calib']} stories of tinystories_calib.txt, evaluated on {b['eval']} held-out stories "
+                 f"({model_rows[0]['ee_text_positions']} positions)" if task == "text" else
+                 f"rows 0-{b['calib'] - 1} of sst2_dev.tsv calibrate (label=gold), rows {b['calib']}-{b['calib'] + b['eval'] - 1} "
+                 f"evaluate, {b['shots']} demonstration per prompt")
+        out.append(f"**{model_rows[0]['model']}, early exit on {'TinyStories text' if task == 'text' else 'SST-2'}** "
+                   f"(target agreement {TARGET}; {where})\n")
+        out.append("| " + " | ".join(c.title for c in columns) + " |")
+        out.append("|" + "|".join("---" for _ in columns) + "|")
+        for r in [r for r in rows if r["model"] == model_rows[0]["model"]]:
+            if f"ee_{task}_refused" in r:
+                out.append(f"| {r['precision']} | calibration refused: {r[f'ee_{task}_refused']} |")
+            else:
+                out.append("| " + " | ".join(c.fmt.format(r[c.key]) for c in columns) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def markdown(rows: list[dict], models: list[str]) -> str:
@@ -290,6 +419,9 @@ def main(argv=None) -> int:
     p.add_argument("--text", type=Path, default=HELDOUT_TEXT)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    p.add_argument("--sst2", type=Path, default=SST2, help="SST-2 dev TSV (skipped when missing)")
+    p.add_argument("--timing-samples", type=int, default=20, help="early exit: prompts timed full vs early")
+    p.add_argument("--no-early-exit", action="store_true", help="skip the early-exit columns")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--measure-input", help=argparse.SUPPRESS)
     p.add_argument("--measure-output", help=argparse.SUPPRESS)
@@ -314,13 +446,18 @@ def main(argv=None) -> int:
              "(unchanged, they are < 512) and has random weights: its perplexity is meaningless, compare precisions",
              f"embedding and heads: {'converted too' if args.quantize_heads else 'kept fp32'}; times are medians of "
              f"{args.repeats} repeats with {args.threads} ONNX Runtime threads; peak RSS includes "
-             "Python + numpy + onnxruntime (rss_before_bundle_mb) and is /proc VmHWM, not ru_maxrss (inherited over execve)"]
+             "Python + numpy + onnxruntime (rss_before_bundle_mb) and is /proc VmHWM, not ru_maxrss (inherited over execve)",
+             "early exit: stories260K only (random-llama has random weights, its exits would mean nothing); recal = "
+             "classifier calibrated on that precision's bundle, fp32 clf = the fp32 bundle's policy copied in "
+             "(reuse_policy); agreement = with the same bundle at full depth; compute saved includes the decisions"]
     report = {"command": command.strip(), "seconds": time.perf_counter() - started, "notes": notes,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
                           "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
-              "random_llama": RANDOM_LLAMA, "budget": BUDGET, "rows": rows}
+              "random_llama": RANDOM_LLAMA, "budget": BUDGET, "early_exit": {"target": TARGET, **EARLY_EXIT},
+              "rows": rows}
     (args.out / "quant_study.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(rows, args.models) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    table = (markdown(rows, args.models) + "\n" + early_exit_markdown(rows) + "\n"
+             + "\n".join(f"- {n}" for n in notes) + "\n")
     (args.out / "quant_study.md").write_text(table)
     plot(rows, args.models, args.out / "quant_study.png")
     print(table)

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from ..atomic import staged_update
-from ..errors import InputError
+from ..errors import AdainferError, InputError
 from ..runtime import load
 from ..runtime.exit_policy import HEAD_FEATURES, POLICY_FILE, ExitPolicy
 from . import classifiers as clfs
@@ -126,8 +126,12 @@ def calibrate(bundle_dir: Path, data: Path, *, task: str = "text", label: str = 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         lowrank_path = scratch / "exit_head_lowrank.onnx"
-        lowrank_info = lowrank_head(bundle_dir / manifest.graphs["exit_head"].file, lowrank_path, manifest.vocab_size, rank)
-        tables = {"full": (train, held), "lowrank": (lowrank_table(model, train, lowrank_path), lowrank_table(model, held, lowrank_path))}
+        tables = {"full": (train, held)}
+        try:
+            lowrank_info = lowrank_head(bundle_dir / manifest.graphs["exit_head"].file, lowrank_path, manifest.vocab_size, rank)
+            tables["lowrank"] = (lowrank_table(model, train, lowrank_path), lowrank_table(model, held, lowrank_path))
+        except AdainferError as exc:  # a quantized exit head (--quantize-heads) has no float LM head to factor
+            lowrank_info = {"skipped": str(exc)}
 
         # the classifier comparison: every kind on the paper's and the extended features, head after every block
         comparison: list[Candidate] = []
@@ -156,18 +160,21 @@ def calibrate(bundle_dir: Path, data: Path, *, task: str = "text", label: str = 
         hidden_only = max((_fit_candidate("hidden-only", k, clfs.FEATURE_SETS["hidden"], "none", train, held, manifest,
                                           label, target, seed) for k in kinds), key=lambda c: c.chosen.flops_saved)
         variants.append(hidden_only)
-        lr_train, lr_held = tables["lowrank"]
-        lowrank = max((_fit_candidate(f"lowrank-{rank}", k, clfs.FEATURE_SETS["extended"], "lowrank", lr_train, lr_held,
-                                      manifest, label, target, seed, extras={"rank": rank})
-                       for k in kinds), key=lambda c: c.chosen.flops_saved)
-        lowrank.table_key = "lowrank"
-        variants.append(lowrank)
+        if "lowrank" in tables:
+            lr_train, lr_held = tables["lowrank"]
+            lowrank = max((_fit_candidate(f"lowrank-{rank}", k, clfs.FEATURE_SETS["extended"], "lowrank", lr_train, lr_held,
+                                          manifest, label, target, seed, extras={"rank": rank})
+                           for k in kinds), key=lambda c: c.chosen.flops_saved)
+            lowrank.table_key = "lowrank"
+            variants.append(lowrank)
         if variant == "auto":
             winner = max(variants, key=lambda c: c.chosen.flops_saved)
         else:
             prefix = {"full-head": "full-head", "head-stride": "head-from", "hidden-only": "hidden-only", "lowrank": "lowrank"}
             if variant not in prefix:
                 raise InputError(f"unknown variant {variant!r}; choose auto, {', '.join(prefix)}")
+            if variant == "lowrank" and "lowrank" not in tables:
+                raise InputError(f"variant lowrank is not available: {lowrank_info['skipped']}")
             winner = next(v for v in variants if v.name.startswith(prefix[variant]))
 
         report = {

@@ -31,6 +31,9 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, default=None, help="rank of the low-rank exit head (default hidden/4)")
     p.add_argument("--variant", default="auto", choices=["auto", "full-head", "head-stride", "hidden-only", "lowrank"],
                    help="way of deciding to write into the bundle (auto: the one saving the most compute)")
+    p.add_argument("--reuse-policy", type=Path, default=None, metavar="SRC_BUNDLE",
+                   help="do not train: copy SRC_BUNDLE's calibrated exit (e.g. the fp32 export's) into BUNDLE "
+                        "(another export of the same model, e.g. int8)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -38,6 +41,16 @@ def main(args) -> int:
     from ..calib.calibrate import calibrate
     from ..paths import DEFAULT_CALIB_DATA
 
+    if args.reuse_policy is not None:
+        from ..calib.transfer import reuse_policy
+
+        policy = reuse_policy(args.reuse_policy, args.bundle)
+        if args.json:
+            print(policy.to_json())
+        else:
+            print(f"reused the exit policy of {args.reuse_policy} in {args.bundle}: {policy.name} "
+                  f"({policy.decision}), threshold {policy.threshold:.4g}")
+        return 0
     report = calibrate(args.bundle, args.data or DEFAULT_CALIB_DATA, task=args.task, label=args.label,
                        target=args.target_agreement, holdout=args.holdout, seed=args.seed, shots=args.shots,
                        limit=args.limit, skip=args.skip, max_positions_per_doc=args.max_positions_per_doc, rank=args.rank,

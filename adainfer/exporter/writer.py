@@ -120,7 +120,7 @@ def export_model(
 ) -> Manifest:
     """Export an already loaded `transformers` model; `model_dir` supplies tokenizer and config files.
 
-    `precision` other than fp32 converts the block graphs (and with `quantize_heads` the embedding
+    `precision` other than fp32 converts the block and kv_fill graphs (and with `quantize_heads` the embedding
     and heads) after the float32 bundle was exported and verified, then verifies them again at
     the looser tolerance `quantize.TOLERANCES` states. `monolithic` also writes the whole model as
     one graph, `model.onnx` (see `monolithic.py`), the baseline `adainfer bench` compares with.
@@ -154,7 +154,8 @@ def _quantize_graphs(model, adapter: FamilyAdapter, tmp: Path, manifest: Manifes
     graphs = dict(manifest.graphs)
     tolerance = quantize.TOLERANCES[precision]
     for name, spec in manifest.graphs.items():
-        if not (name in manifest.block_names or (heads and name in ("embed", "exit_head", "final_head"))):
+        if not (name in manifest.block_names or name.startswith("kv_fill_")
+                or (heads and name in ("embed", "exit_head", "final_head"))):
             continue
         path = tmp / spec.file
         quantize.convert(path, path, precision, external_data_threshold=threshold)
