@@ -7,6 +7,8 @@ distance for SVMs, log-odds for logistic regression), so a linear one folds into
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -106,7 +108,10 @@ def to_onnx(fitted: Fitted, out: Path, check_x: np.ndarray) -> dict:
     options = {"svm-linear": {"raw_scores": True}, "logreg": {"raw_scores": True, "zipmap": False},
                "svm-rbf": {"zipmap": False}}[fitted.kind]
     options = {id(clf): options}
-    onx = skl_to_onnx(fitted.pipeline, check_x[:1].astype(np.float32), options=options, target_opset={"": 17, "ai.onnx.ml": 3})
+    with warnings.catch_warnings():  # skl2onnx reads SVC's deprecated probA_/probB_ attributes
+        warnings.simplefilter("ignore", FutureWarning)
+        onx = skl_to_onnx(fitted.pipeline, check_x[:1].astype(np.float32), options=options,
+                          target_opset={"": 17, "ai.onnx.ml": 3})
     Path(out).write_bytes(onx.SerializeToString())
     from ..runtime.sessions import make_session
 
