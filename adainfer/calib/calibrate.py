@@ -279,7 +279,7 @@ def _folded_columns(decider, held: FeatureTable, fitted: clfs.Fitted) -> dict:
     if decider.head_session is None:
         return columns
     feeds = {"hidden_states": held.hidden.reshape(-1, h)}
-    names = [i.name for i in decider.head_session.get_inputs()]
+    names = decider.head_inputs
     if "extra_features" in names:
         from ..runtime.exit_policy import feature_matrix
 

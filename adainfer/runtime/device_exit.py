@@ -44,7 +44,6 @@ class DeviceDecider:
     def __init__(self, policy: ExitPolicy, num_layers: int, backend: str = "tensorrt"):
         policy.validate()
         self.policy, self.num_layers, self.backend = policy, num_layers, backend
-        self.scores: list[float] = []
         if policy.decision == "classifier":
             raise classifier_refusal(policy, backend)
         if policy.decision == "folded":
@@ -73,7 +72,6 @@ class DeviceDecider:
             score = np.asarray(outputs["score"], dtype=np.float64).reshape(-1)
         else:
             score = np.asarray(outputs[HEAD_OUTPUT[p.features[0]]], dtype=np.float64).reshape(-1)
-        self.scores.append(float(score[0]))
         token = outputs.get("top1_id") if p.head == "full" else None
         if token is not None:
             token = np.asarray(token).astype(np.int64).reshape(-1)

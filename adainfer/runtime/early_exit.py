@@ -45,7 +45,10 @@ class ExitDecider:
             self.head_graph = "exit_head"
         self.classifier = make_session(root / policy.classifier_file) if policy.decision == "classifier" else None
         self.extra = [f for f in policy.features if f not in HEAD_FEATURES]
-        self.scores: list[float] = []
+        # the decider is shared by every generation of a model: look the sessions' names up once
+        self.head_inputs = [i.name for i in self.head_session.get_inputs()] if self.head_session else []
+        self.head_outputs = [o.name for o in self.head_session.get_outputs()] if self.head_session else []
+        self.classifier_input = self.classifier.get_inputs()[0].name if self.classifier else None
 
     def evaluates(self, layer: int) -> bool:
         return self.policy.evaluates(layer, self.num_layers)
@@ -57,14 +60,12 @@ class ExitDecider:
             return {"top1_id": top1, "top_prob": prob, "gap": gap}
         if self.head_session is None:
             return {}
-        names = [i.name for i in self.head_session.get_inputs()]
         feeds = {}
-        if "hidden_states" in names:
+        if "hidden_states" in self.head_inputs:
             feeds["hidden_states"] = hidden_last
-        if "extra_features" in names:
+        if "extra_features" in self.head_inputs:
             feeds["extra_features"] = feature_matrix(self.extra, columns)
-        outputs = [o.name for o in self.head_session.get_outputs()]
-        values = dict(zip(outputs, self.head_session.run(outputs, feeds)))
+        values = dict(zip(self.head_outputs, self.head_session.run(self.head_outputs, feeds)))
         if "top1_prob" in values:
             values["top_prob"] = values.pop("top1_prob")
         return values
@@ -86,15 +87,13 @@ class ExitDecider:
         if p.decision == "folded":
             return np.asarray(columns["score"], dtype=np.float64).reshape(-1)
         x = feature_matrix(p.features, columns)
-        name = self.classifier.get_inputs()[0].name
-        out = self.classifier.run(None, {name: x})[p.score_output]
+        out = self.classifier.run(None, {self.classifier_input: x})[p.score_output]
         out = np.asarray(out, dtype=np.float64)
         return p.score_sign * (out[:, p.score_column] if out.ndim == 2 else out)
 
     def decide(self, layer: int, hidden_last: np.ndarray, previous: np.ndarray) -> Decision:
         columns = self.features(layer, hidden_last, previous)
         score = self.score(columns)
-        self.scores.append(float(score[0]))
         token = columns.get("top1_id") if self.policy.head == "full" else None
         return Decision(stop=bool(score[0] >= self.policy.threshold), token=token, score=float(score[0]))
 
@@ -132,9 +131,7 @@ def trace(model, ids: Sequence[int]) -> list[np.ndarray]:
     ids = model.check_ids(ids)
     state = model.new_state(1)
     input_ids = np.asarray([ids], dtype=np.int64)
-    mask = np.ones_like(input_ids)
-    state.attention_mask = mask
-    position_ids = (np.cumsum(mask, axis=1) - 1).astype(np.int64)
+    position_ids = state.advance(np.ones_like(input_ids))
     hidden = model.embed(input_ids, position_ids)
     layers = [hidden[0]]
     for layer in range(model.num_layers):

@@ -34,6 +34,13 @@ class DecodeState:
     def length(self) -> int:
         return self.attention_mask.shape[1]
 
+    def advance(self, step_mask: np.ndarray) -> np.ndarray:
+        """Append a step's padding mask (batch, seq); returns its position ids, which count real tokens only."""
+        self.attention_mask = np.concatenate([self.attention_mask, step_mask], axis=1)
+        position_ids = np.maximum(self.next_position[:, None] + np.cumsum(step_mask, axis=1) - 1, 0).astype(np.int64)
+        self.next_position = self.next_position + step_mask.sum(axis=1)
+        return position_ids
+
 
 @dataclass
 class LayerRun:
@@ -138,10 +145,7 @@ class Model:
 
     def run_layers(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray, decider=None) -> "LayerRun":
         """Embed and run the blocks in order; with a `decider` (early exit), stop where it says."""
-        state.attention_mask = np.concatenate([state.attention_mask, step_mask], axis=1)
-        position_ids = state.next_position[:, None] + np.cumsum(step_mask, axis=1) - 1
-        position_ids = np.maximum(position_ids, 0).astype(np.int64)
-        state.next_position = state.next_position + step_mask.sum(axis=1)
+        position_ids = state.advance(step_mask)
 
         hidden = self.embed(input_ids, position_ids)
         previous = hidden[:, -1, :]

@@ -88,9 +88,7 @@ class OrtGpuModel(Model):
     def forward(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray) -> np.ndarray:
         m = self.manifest
         batch, seq = input_ids.shape
-        state.attention_mask = np.concatenate([state.attention_mask, step_mask], axis=1)
-        position_ids = np.maximum(state.next_position[:, None] + np.cumsum(step_mask, axis=1) - 1, 0).astype(np.int64)
-        state.next_position = state.next_position + step_mask.sum(axis=1)
+        position_ids = state.advance(step_mask)
         positions, mask = self._device(position_ids), self._device(state.attention_mask)
 
         binding = self.sessions["embed"].io_binding()
@@ -144,9 +142,7 @@ class OrtGpuModel(Model):
         m = self.manifest
         decider = self._exit_decider(decider)
         batch, seq = input_ids.shape
-        state.attention_mask = np.concatenate([state.attention_mask, step_mask], axis=1)
-        position_ids = np.maximum(state.next_position[:, None] + np.cumsum(step_mask, axis=1) - 1, 0).astype(np.int64)
-        state.next_position = state.next_position + step_mask.sum(axis=1)
+        position_ids = state.advance(step_mask)
         positions, mask = self._device(position_ids), self._device(state.attention_mask)
         binding = self.sessions["embed"].io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))

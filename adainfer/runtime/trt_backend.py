@@ -314,10 +314,7 @@ class TensorRTModel(Model):
         stale = [l + 1 for l in range(depth) if state.cache.lengths[l] != past]
         if stale:
             raise InputError(f"layer {stale[0]}'s cache is behind after an early exit; it cannot be continued at depth {depth}")
-        state.attention_mask = np.concatenate([state.attention_mask, step_mask], axis=1)
-        position_ids = state.next_position[:, None] + np.cumsum(step_mask, axis=1) - 1
-        position_ids = np.maximum(position_ids, 0).astype(np.int64)
-        state.next_position = state.next_position + step_mask.sum(axis=1)
+        position_ids = state.advance(step_mask)
         profile = 0 if past == 0 else 1
         p = _Pass(batch, seq, past, state.length, profile, self.cuda_graphs and profile == 1, position_ids)
 
