@@ -32,6 +32,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ExportError
+from .graph_files import save_graph
 
 PRECISIONS = ("fp32", "fp16", "int8-weight", "int8-dynamic")
 #: block size along K of the 8-bit weight-only MatMulNBits
@@ -244,12 +245,7 @@ def convert(src: Path, dst: Path, precision: str, external_data_threshold: int =
             weight_bytes = sum(len(t.raw_data) for t in result.graph.initializer)
             for stale in (src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")):
                 stale.unlink(missing_ok=True)
-            if weight_bytes > external_data_threshold:
-                onnx.save_model(result, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                                location=f"{dst.name}.data", size_threshold=1024)
-            else:
-                onnx.save_model(result, str(dst))
-            onnx.checker.check_model(str(dst))
+            save_graph(result, dst, weight_bytes, external_data_threshold)
         except ExportError:
             raise
         except Exception as exc:

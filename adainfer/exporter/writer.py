@@ -25,6 +25,7 @@ from ..paths import DEFAULT_MODEL_DIR
 from . import monolithic as whole_model
 from . import quantize, staging
 from .families import FamilyAdapter, adapter_class_for, adapter_for
+from .graph_files import save_graph
 from .graphs import GraphDef, graph_defs
 from .verify import verify_against_transformers, verify_graph
 
@@ -205,12 +206,7 @@ def _export_one(gdef: GraphDef, path: Path, threshold: int) -> None:
             )
         model = onnx.load(str(scratch / "graph.onnx"))
         weight_bytes = sum(p.numel() * p.element_size() for p in gdef.module.parameters())
-        if weight_bytes > threshold:
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=f"{path.name}.data", size_threshold=1024)
-        else:
-            onnx.save_model(model, str(path))
-        onnx.checker.check_model(str(path))
+        save_graph(model, path, weight_bytes, threshold)
     except Exception as exc:
         raise ExportError(f"exporting {gdef.name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     finally:

@@ -88,15 +88,7 @@ class OrtGpuModel(Model):
     def forward(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray) -> np.ndarray:
         m = self.manifest
         batch, seq = input_ids.shape
-        position_ids = state.advance(step_mask)
-        positions, mask = self._device(position_ids), self._device(state.attention_mask)
-
-        binding = self.sessions["embed"].io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        if "position_ids" in self._inputs["embed"]:
-            binding.bind_ortvalue_input("position_ids", positions)
-        binding.bind_output("hidden_states", "cuda", self.device_id)
-        (hidden,) = self._run("embed", binding)
+        hidden, positions, mask, _ = self._embed(input_ids, state, step_mask)
         for layer in range(m.num_layers):
             name = m.block_name(layer)
             binding = self.sessions[name].io_binding()
@@ -115,6 +107,19 @@ class OrtGpuModel(Model):
         binding.bind_output("logits")
         (logits,) = self._run("final_head", binding)
         return logits.numpy()
+
+    def _embed(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray):
+        """Advance the state and run the embedding on the device: (hidden, positions, mask) as
+        device values, plus the position ids on the host."""
+        position_ids = state.advance(step_mask)
+        positions, mask = self._device(position_ids), self._device(state.attention_mask)
+        binding = self.sessions["embed"].io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        if "position_ids" in self._inputs["embed"]:
+            binding.bind_ortvalue_input("position_ids", positions)
+        binding.bind_output("hidden_states", "cuda", self.device_id)
+        (hidden,) = self._run("embed", binding)
+        return hidden, positions, mask, position_ids
 
     def _run(self, graph: str, binding):
         self.session_calls[graph] += 1
@@ -142,14 +147,8 @@ class OrtGpuModel(Model):
         m = self.manifest
         decider = self._exit_decider(decider)
         batch, seq = input_ids.shape
-        position_ids = state.advance(step_mask)
-        positions, mask = self._device(position_ids), self._device(state.attention_mask)
-        binding = self.sessions["embed"].io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        if "position_ids" in self._inputs["embed"]:
-            binding.bind_ortvalue_input("position_ids", positions)
-        binding.bind_output("hidden_states", "cuda", self.device_id)
-        hidden = {0: self._run("embed", binding)[0]}  # hidden[l]: output of block l (0: the embedding)
+        embedded, positions, mask, position_ids = self._embed(input_ids, state, step_mask)
+        hidden = {0: embedded}  # hidden[l]: output of block l (0: the embedding)
 
         def block(layer: int) -> None:
             name = m.block_name(layer - 1)

@@ -1,0 +1,22 @@
+"""Writing one ONNX graph of a bundle: inline weights, or ONNX external data past a size.
+
+Protobuf cannot hold more than 2 GiB, so graphs whose weights exceed the threshold keep them
+in `<file>.data` beside the graph (onnx/onnx#4394). Every writer of bundle graphs goes here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+
+def save_graph(model: onnx.ModelProto, path: Path, weight_bytes: int, threshold: int) -> None:
+    """Save `model` at `path`, with external data when `weight_bytes` exceeds `threshold`; then check it."""
+    path = Path(path)
+    if weight_bytes > threshold:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
