@@ -4,7 +4,6 @@ and the monolithic export reproduces transformers."""
 import json
 
 import numpy as np
-import pytest
 
 from conftest import STORIES_DIR, run_cli
 

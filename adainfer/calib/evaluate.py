@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import InputError
 from ..runtime import load
 from ..runtime.early_exit import ExitDecider, load_policy, predict
-from ..runtime.exit_policy import ExitPolicy, feature_matrix
+from ..runtime.exit_policy import ExitPolicy
 from .data import load_dataset
 from .features import FeatureTable, collect
 from .simulate import exit_layers, outcome, CostModel

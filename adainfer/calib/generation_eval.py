@@ -8,7 +8,7 @@ first divergence, and the fraction of positions that agree).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -7,7 +7,6 @@ TensorRT's samples/python/common_runtime.py.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 

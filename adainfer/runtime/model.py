@@ -7,7 +7,7 @@ last position is the newest token, and position ids count real tokens only.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -15,7 +15,6 @@ import numpy as np
 from ..errors import BundleError, InputError
 from .bundle import Bundle, open_bundle
 from .limits import check_options, check_threads, fit_prompt, token_ids
-from .sampling import choose_token
 from .sessions import DEFAULT_PROVIDERS, make_session
 from .tokenizer import StreamDecoder, TextTokenizer
 

@@ -36,7 +36,7 @@ One generation at a time per model: the staging buffers are the model's.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
