@@ -19,3 +19,7 @@ class UnsupportedModelError(ExportError):
 
 class InputError(AdainferError):
     """A prompt, option or data file is unusable (empty, too long, wrong shape)."""
+
+
+class FetchError(AdainferError):
+    """A known model cannot be fetched, or what was fetched does not have the expected sha256."""

@@ -105,6 +105,20 @@ class ExporterInfo:
 
 
 @dataclass(frozen=True)
+class ModelSource:
+    """The file a bundle was exported from when it was not a Hugging Face directory (a GGUF file)."""
+
+    format: str  # "gguf"
+    file: str  # its name, for the record (not a file of the bundle)
+    size: int
+    sha256: str
+    quantization: Optional[str] = None  # e.g. "Q4_1": the file's own weight type, dequantized to float32 here
+
+
+SOURCE_FORMATS = ("gguf",)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the runtime needs to chain the graphs without the original model."""
 
@@ -129,6 +143,8 @@ class Manifest:
     extras: dict[str, Any] = field(default_factory=dict)
     #: files added after the export (calibration, engines): checked on load, outside `digest()`
     attachments: dict[str, FileSpec] = field(default_factory=dict)
+    #: where the weights came from when not a Hugging Face directory; omitted from the JSON when None
+    source: Optional[ModelSource] = None
 
     @staticmethod
     def block_name(index: int) -> str:
@@ -139,7 +155,10 @@ class Manifest:
         return [self.block_name(i) for i in range(self.num_layers)]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["source"] is None:  # manifests (and digests) of bundles without a recorded source stay as they were
+            del data["source"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False, allow_nan=False) + "\n"
@@ -236,6 +255,8 @@ class Manifest:
         for where, value in _numbers(self.macs, "macs"):
             if value < 0:
                 raise BundleError(f"manifest.json: {where} is negative")
+        if self.source is not None:
+            _check_source(self.source)
 
     def _check_geometry(self) -> None:
         """The graphs' tensor specs agree with the geometry: the tensors the runtime feeds exist
@@ -273,6 +294,20 @@ class Manifest:
                 entries[f"graphs.{_key(key)}:{_key(data.file)}"] = data
         entries.update({f"attachments.{_key(k)}": v for k, v in self.attachments.items()})
         return entries
+
+
+def _check_source(source: ModelSource) -> None:
+    if source.format not in SOURCE_FORMATS:
+        raise BundleError(f"manifest.json: source.format {source.format!r} is not one of {', '.join(SOURCE_FORMATS)}")
+    name = PurePosixPath(source.file)
+    if not source.file or "/" in source.file or "\\" in source.file or name.name in (".", "..") or not source.file.isprintable():
+        raise BundleError(f"manifest.json: source.file {source.file[:80]!r} is not a plain file name")
+    if not _SHA256.fullmatch(source.sha256):
+        raise BundleError("manifest.json: source.sha256 is not 64 lowercase hex digits")
+    if source.size < 0:
+        raise BundleError("manifest.json: source.size is negative")
+    if source.quantization is not None and not (source.quantization.isprintable() and 0 < len(source.quantization) <= 64):
+        raise BundleError("manifest.json: source.quantization is not a short printable name")
 
 
 def kv_names() -> tuple[str, ...]:

@@ -4,7 +4,7 @@ Modules import heavy dependencies inside `main`, so `adainfer --help` stays fast
 `adainfer run` never imports torch.
 """
 
-from . import bench, build_engines, calib, eval, run
+from . import bench, build_engines, calib, eval, fetch, run
 
 #: the subcommands in help order; add a module here to add a subcommand
-COMMANDS = [run, calib, eval, build_engines, bench]
+COMMANDS = [run, fetch, calib, eval, build_engines, bench]

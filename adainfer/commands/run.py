@@ -1,4 +1,5 @@
-"""`adainfer run [BUNDLE] PROMPT`: stream a continuation, or print one JSON object."""
+"""`adainfer run [BUNDLE] PROMPT` or `adainfer run [BUNDLE] --chat QUESTION`: stream a continuation
+(or the assistant's reply, through the bundle's chat template), or print one JSON object."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ DEFAULT_BUNDLE = Path("bundles") / "stories260K"
 
 def register(sub) -> None:
     p = sub.add_parser(NAME, help="generate text from a prompt", description=__doc__)
-    p.add_argument("args", nargs="+", metavar="[BUNDLE] PROMPT",
-                   help=f"bundle directory (default: {DEFAULT_BUNDLE}) and the prompt")
+    p.add_argument("args", nargs="*", metavar="[BUNDLE] PROMPT",
+                   help=f"bundle directory (default: {DEFAULT_BUNDLE}) and the prompt (no prompt with --chat)")
+    p.add_argument("--chat", metavar="QUESTION", default=None,
+                   help="ask QUESTION as the user's message of the bundle's chat template; prints the reply, "
+                        "which ends at the template's end-of-turn token")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -40,14 +44,23 @@ def main(args) -> int:
     from ..runtime import load
     from ..runtime.limits import check_options
 
-    if len(args.args) > 2:
+    if args.chat is not None:
+        if len(args.args) > 1:
+            raise InputError("expected [BUNDLE] --chat QUESTION (a prompt and --chat cannot be combined)")
+        bundle, prompt = (Path(args.args[0]) if args.args else DEFAULT_BUNDLE), args.chat
+    elif not args.args:
+        raise InputError("expected [BUNDLE] PROMPT or [BUNDLE] --chat QUESTION")
+    elif len(args.args) > 2:
         raise InputError("expected [BUNDLE] PROMPT (quote a prompt that has spaces)")
-    bundle, prompt = (Path(args.args[0]), args.args[1]) if len(args.args) == 2 else (DEFAULT_BUNDLE, args.args[0])
+    else:
+        bundle, prompt = (Path(args.args[0]), args.args[1]) if len(args.args) == 2 else (DEFAULT_BUNDLE, args.args[0])
     check_options(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any work
     model = load(bundle, threads=args.threads) if args.backend == "onnxruntime" else load(bundle, backend=args.backend)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop_at_eos=not args.no_stop_at_eos, truncate=args.truncate_prompt,
                    mode=args.mode, max_draft=args.max_draft)
+    if args.chat is not None:
+        return _chat(model, bundle, prompt, args, options)
     if args.json:
         print(json.dumps(model.generate(prompt, **options).to_json()))
         return 0
@@ -64,5 +77,27 @@ def main(args) -> int:
         out.flush()
         count += 1
     out.write("\n")
+    print(f"[{count} tokens in {time.perf_counter() - started:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def _chat(model, bundle: Path, question: str, args, options: dict) -> int:
+    """Print the reply to `question` (streamed, or as one JSON object); the prompt itself is not echoed."""
+    from ..errors import InputError
+    from ..runtime import conversation as chat
+
+    if args.mode != "full" and model.decider() is None:
+        raise InputError(f"bundle {bundle} has no exit policy: run `adainfer calib {bundle}` first")
+    if args.json:
+        print(json.dumps(chat.chat(model, question, **options).to_json()))
+        return 0
+    options.pop("max_new_tokens")
+    started = time.perf_counter()
+    count = 0
+    for event in chat.stream(model, question, args.max_new_tokens, **options):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        count += 1
+    sys.stdout.write("\n")
     print(f"[{count} tokens in {time.perf_counter() - started:.2f} s]", file=sys.stderr)
     return 0

@@ -1,4 +1,4 @@
-"""`adainfer-export [MODEL_DIR] -o BUNDLE_DIR`: write a bundle from a Hugging Face model directory."""
+"""`adainfer-export [MODEL] -o BUNDLE_DIR`: write a bundle from a Hugging Face model directory or a GGUF file."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from .quantize import PRECISIONS
 
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="adainfer-export", description=__doc__)
-    p.add_argument("model_dir", nargs="?", type=Path, default=None,
-                   help=f"Hugging Face model directory (default: the bundled {DEFAULT_MODEL_DIR.name})")
-    p.add_argument("-o", "--output", type=Path, default=None, help="bundle directory to write (default: bundles/<model name>)")
+    p.add_argument("model_dir", nargs="?", type=Path, default=None, metavar="MODEL",
+                   help="Hugging Face model directory, GGUF file, or directory holding one GGUF file "
+                        f"(default: the bundled {DEFAULT_MODEL_DIR.name})")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="bundle directory to write (default: bundles/<model name>, a GGUF's name without .gguf)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--no-verify", action="store_true", help="skip the checks against PyTorch and transformers")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -38,10 +40,10 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
-        from .writer import export  # torch loads here, after argument errors are reported
+        from .writer import default_bundle_dir, export  # torch loads here, after argument errors are reported
 
         model_dir = args.model_dir or DEFAULT_MODEL_DIR
-        out = args.output or Path("bundles") / model_dir.name
+        out = args.output or default_bundle_dir(model_dir)
         manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet, monolithic=args.monolithic,
                           precision=args.precision, quantize_heads=args.quantize_heads)
         print(f"wrote {out}: {manifest.family} ({manifest.model_type}), {manifest.num_layers} blocks, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -20,10 +21,10 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import ExportError
-from ..manifest import SCHEMA_VERSION, ExporterInfo, GraphSpec, Macs, Manifest, TensorSpec, file_spec, sha256_of
+from ..manifest import SCHEMA_VERSION, ExporterInfo, GraphSpec, Macs, Manifest, ModelSource, TensorSpec, file_spec, sha256_of
 from ..paths import DEFAULT_MODEL_DIR
 from . import monolithic as whole_model
-from . import quantize, staging
+from . import gguf_source, quantize, staging
 from .families import FamilyAdapter, adapter_class_for, adapter_for
 from .graph_files import save_graph
 from .graphs import GraphDef, graph_defs
@@ -33,7 +34,8 @@ OPSET = 17
 #: graphs whose weights exceed this are saved with ONNX external data (protobuf's limit is 2 GiB)
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 #: files copied from the model directory when present
-MODEL_FILES = ("tokenizer.json", "config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
+MODEL_FILES = ("tokenizer.json", "config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja")
 
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64",
                onnx.TensorProto.INT32: "int32", onnx.TensorProto.BFLOAT16: "bfloat16"}
@@ -94,15 +96,33 @@ def export(
     quantize_heads: bool = False,
     monolithic: bool = False,
 ) -> Manifest:
-    """Export a model directory (the bundled stories260K by default) to a bundle directory."""
+    """Export a model (the bundled stories260K by default) to a bundle directory.
+
+    `model_dir` is a Hugging Face directory, a GGUF file, or a directory holding one GGUF file;
+    a GGUF is dequantized to float32 in a temporary directory first (`gguf_source`) and the
+    manifest records it under `source`."""
     quantize.check_precision(precision)
     model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
-    out_dir = Path(out_dir) if out_dir is not None else Path("bundles") / model_dir.name
+    gguf = gguf_source.find_gguf(model_dir)
+    out_dir = Path(out_dir) if out_dir is not None else default_bundle_dir(model_dir)
     staging.check_not_inside(out_dir, model_dir)
     staging.check_target(out_dir, force)
-    model = load_model(model_dir)
-    return export_model(model, out_dir, model_dir=model_dir, force=force, verify=verify, progress=progress,
-                        precision=precision, quantize_heads=quantize_heads, monolithic=monolithic)
+    options = dict(force=force, verify=verify, progress=progress, precision=precision, quantize_heads=quantize_heads,
+                   monolithic=monolithic)
+    if gguf is None:
+        return export_model(load_model(model_dir), out_dir, model_dir=model_dir, **options)
+    header = gguf_source.read_header(gguf)  # refuses an unsupported architecture or a damaged file first
+    with tempfile.TemporaryDirectory(prefix="adainfer-gguf-") as scratch:
+        hf_dir = gguf_source.gguf_to_hf_dir(gguf, Path(scratch) / "hf", header=header, progress=progress)
+        model = load_model(hf_dir)
+        return export_model(model, out_dir, model_dir=hf_dir, source=gguf_source.source_of(gguf, header), **options)
+
+
+def default_bundle_dir(model: Path) -> Path:
+    """bundles/<model name>; a GGUF file's name without `.gguf`."""
+    model = Path(model)
+    name = model.stem if model.is_file() and model.suffix.lower() == gguf_source.SUFFIX else model.name
+    return Path("bundles") / name
 
 
 def export_model(
@@ -118,6 +138,7 @@ def export_model(
     precision: str = "fp32",
     quantize_heads: bool = False,
     monolithic: bool = False,
+    source: Optional[ModelSource] = None,
 ) -> Manifest:
     """Export an already loaded `transformers` model; `model_dir` supplies tokenizer and config files.
 
@@ -136,7 +157,7 @@ def export_model(
         with torch.no_grad():
             graphs = _export_graphs(adapter, tmp, verify, progress, external_data_threshold)
         files = _copy_model_files(model, tmp, model_dir, tokenizer_file)
-        manifest = _manifest(adapter, graphs, files)
+        manifest = dataclasses.replace(_manifest(adapter, graphs, files), source=source)
         manifest.save(tmp)
         staging.checkpoint("manifest")
         if verify:
@@ -244,7 +265,7 @@ def _copy_model_files(model, tmp: Path, model_dir: Optional[Path], tokenizer_fil
         model.config.to_json_file(str(tmp / "config.json"))
     for name in MODEL_FILES:
         if (tmp / name).exists():
-            files[name.removesuffix(".json")] = file_spec(tmp, name)
+            files[Path(name).stem] = file_spec(tmp, name)
     return files
 
 

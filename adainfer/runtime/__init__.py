@@ -3,10 +3,12 @@
     >>> import adainfer.runtime as rt
     >>> model = rt.load("bundles/stories260K")
     >>> model.generate("Once upon a time", max_new_tokens=20).text
+    >>> rt.chat(model, "What is the capital of France?").text   # bundles with a chat template
 """
 
 from .bundle import Bundle, open_bundle
 from .backends import BACKENDS, load
+from .conversation import chat
 from .model import DecodeState, Generation, Model, StreamEvent
 
-__all__ = ["BACKENDS", "Bundle", "DecodeState", "Generation", "Model", "StreamEvent", "load", "open_bundle"]
+__all__ = ["BACKENDS", "Bundle", "chat", "DecodeState", "Generation", "Model", "StreamEvent", "load", "open_bundle"]

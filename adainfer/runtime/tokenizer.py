@@ -16,9 +16,14 @@ class TextTokenizer:
         except Exception as exc:
             raise BundleError(f"cannot read tokenizer {path}: {str(exc).splitlines()[0]}") from None
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids with the model's special tokens (e.g. `<s>`) as its tokenizer adds them."""
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids with the model's special tokens (e.g. `<s>`) as its tokenizer adds them
+        (`add_special_tokens=False`: none added, for text that already has them, e.g. a chat prompt)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def token_id(self, token: str):
+        """The id of one token of the vocabulary (e.g. `<|im_end|>`), or None."""
+        return self._tok.token_to_id(token)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
