@@ -9,8 +9,9 @@ from adainfer.errors import InputError
 from adainfer.runtime.conversation import ChatTemplate
 
 #: uses what transformers offers a template: bos/eos variables, tojson, loop controls, raise_exception
+#: (indented block tags and newlines after them: trim_blocks and lstrip_blocks both change the text)
 TEMPLATE = """{{ bos_token }}{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools here') }}{% endif %}
-{% if loop.index > 3 %}{% break %}{% endif %}
+    {% if loop.index > 3 %}{% break %}{% endif %}
   <{{ m['role'] }}>{{ m['content'] | tojson }}{{ eos_token }}
 {% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"""
 TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
