@@ -12,7 +12,7 @@ import pytest
 
 from adainfer.errors import BundleError, ExportError, UnsupportedModelError
 from adainfer.exporter import gguf_source
-from adainfer.manifest import Manifest
+from adainfer.manifest import Manifest, sha256_of
 
 
 def _export_cli(capsys, *args):
@@ -47,6 +47,117 @@ def write_gguf(path: Path, arch: str, layers: int = 1) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (transformers' GGUF loader undoes it)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+TINY_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+def write_tiny_llama_gguf(path: Path, model) -> Path:
+    """A float32 GGUF of a tiny random-weight `LlamaForCausalLM`, laid out as llama.cpp writes one
+    (a character-level BPE tokenizer, a chat template)."""
+    import gguf
+
+    cfg = model.config
+    vocab = cfg.vocab_size
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(vocab)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    chars = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 161 + vocab)]
+    writer.add_token_list(["<unk>", "<s>", "</s>"] + chars[:vocab - 3])
+    writer.add_token_types([3, 3, 3] + [1] * (vocab - 3))
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_chat_template(TINY_TEMPLATE)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        hf, g = f"model.layers.{i}.", f"blk.{i}."
+        writer.add_tensor(g + "attn_norm.weight", sd[hf + "input_layernorm.weight"])
+        writer.add_tensor(g + "attn_q.weight", _permute(sd[hf + "self_attn.q_proj.weight"], heads))
+        writer.add_tensor(g + "attn_k.weight", _permute(sd[hf + "self_attn.k_proj.weight"], kv_heads))
+        writer.add_tensor(g + "attn_v.weight", sd[hf + "self_attn.v_proj.weight"])
+        writer.add_tensor(g + "attn_output.weight", sd[hf + "self_attn.o_proj.weight"])
+        writer.add_tensor(g + "ffn_norm.weight", sd[hf + "post_attention_layernorm.weight"])
+        writer.add_tensor(g + "ffn_gate.weight", sd[hf + "mlp.gate_proj.weight"])
+        writer.add_tensor(g + "ffn_up.weight", sd[hf + "mlp.up_proj.weight"])
+        writer.add_tensor(g + "ffn_down.weight", sd[hf + "mlp.down_proj.weight"])
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    writer.add_tensor("output.weight", sd["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_tiny_gguf_round_trip_and_export(tmp_path, capsys):
+    """Weights written as llama.cpp lays them out come back identical through `gguf_to_hf_dir`, and the
+    bundle exported from the GGUF (a directory holding it) computes the original model's logits."""
+    import torch
+
+    import adainfer.runtime as rt
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    gguf_file = write_tiny_llama_gguf(folder / "tiny.gguf", model)
+
+    hf_dir = gguf_source.gguf_to_hf_dir(gguf_file, tmp_path / "hf", progress=False)
+    assert sorted(p.name for p in hf_dir.iterdir()) == ["chat_template.jinja", "config.json", "generation_config.json",
+                                                        "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_key_value_heads"] == 2
+    assert json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"] == TINY_TEMPLATE
+    from adainfer.exporter import load_model
+
+    back = load_model(hf_dir).state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(back[name], value), name
+
+    rc, out, err = _export_cli_verified(capsys, str(folder), "-o", str(tmp_path / "bundle"))
+    assert rc == 0, err
+    bundle = tmp_path / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["source"] == {"format": "gguf", "file": "tiny.gguf", "size": gguf_file.stat().st_size,
+                                  "sha256": sha256_of(gguf_file), "quantization": "ALL_F32"}
+    ids = [1, 40, 7, 300, 12, 5, 99]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0, -1].numpy()
+    loaded = rt.load(bundle)
+    assert np.abs(loaded.last_logits([ids])[0] - expected).max() < 1e-4
+    assert rt.conversation.template_of(loaded).render("hi") == "<s>user: hi</s><s>assistant: "
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "gguf", "hf"]  # the temporary HF directory is gone
+
+
+def _export_cli_verified(capsys, *args):
+    from adainfer.exporter.cli import main
+
+    capsys.readouterr()
+    rc = main([*args, "--quiet"])
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
 def _refuse_case(capsys, tmp_path, model: Path, *needles):

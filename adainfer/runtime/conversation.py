@@ -82,7 +82,7 @@ def _messages(messages: Messages) -> list[dict]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
             raise InputError(f"chat message {i} must be a dict with 'role' and 'content'")
-        out.append(dict(message))
+        out.append({k: v for k, v in message.items() if v is not None})  # as transformers drops None fields
     if not out:
         raise InputError("no chat messages")
     return out
