@@ -58,3 +58,46 @@ def test_run_chat_argument_errors(stories_bundle):
     assert rc == 2 and err == "adainfer: error: expected [BUNDLE] --chat QUESTION (a prompt and --chat cannot be combined)\n"
     rc, out, err = run_cli("adainfer", "run")
     assert rc == 2 and err == "adainfer: error: expected [BUNDLE] PROMPT or [BUNDLE] --chat QUESTION\n"
+
+
+def _bundle_with_template(stories_bundle, tmp_path, data: bytes):
+    import dataclasses
+    import shutil
+
+    from adainfer.manifest import Manifest, file_spec
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(stories_bundle, bundle)
+    (bundle / "chat_template.jinja").write_bytes(data)
+    manifest = Manifest.load(bundle)
+    manifest = dataclasses.replace(manifest, files={**manifest.files, "chat_template": file_spec(bundle, "chat_template.jinja")})
+    manifest.save(bundle)
+    return bundle
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b"{% for m in messages %}", "the bundle's chat template is not valid Jinja (line 1: "),
+    (b"\xff\xfe{{ x }}", "chat_template.jinja: not readable UTF-8 text"),
+    (b"{{ raise_exception('only system messages, please') }}", "chat template: only system messages, please"),
+])
+def test_bad_templates_are_one_line_errors(stories_bundle, tmp_path, data, needle):
+    from conftest import run_cli
+
+    bundle = _bundle_with_template(stories_bundle, tmp_path, data)
+    rc, out, err = run_cli("adainfer", "run", str(bundle), "--chat", "Hello")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("adainfer: error: ") and needle in err, err
+
+
+def test_chat_on_a_bundle_with_a_template(stories_bundle, tmp_path):
+    """The prompt is the rendered template, tokenized without the tokenizer's own BOS; `text` is the reply alone."""
+    import adainfer.runtime as rt
+
+    bundle = _bundle_with_template(stories_bundle, tmp_path, b"{{ bos_token }}Q: {{ messages[-1]['content'] }}\nA:")
+    model = rt.load(bundle)
+    reply = rt.chat(model, "Once upon a time", max_new_tokens=12)
+    prompt = model.tokenizer.encode("<s>Q: Once upon a time\nA:", add_special_tokens=False)
+    assert prompt[0] == 1 and prompt[1] != 1  # the template's BOS, not a second one
+    expected = model.generate(prompt, max_new_tokens=12).tokens
+    assert reply.tokens == expected and reply.prompt_tokens == len(prompt)
+    assert reply.text == model.tokenizer.decode(expected)

@@ -99,7 +99,7 @@ def load_template(bundle) -> Optional[ChatTemplate]:
         tokens.update(_token_strings(_read_json(bundle.path(files["special_tokens_map"].file))))
     tokens.update(_token_strings(config))
     if "chat_template" in files:
-        source = bundle.path(files["chat_template"].file).read_text(encoding="utf-8")
+        source = _read_text(bundle.path(files["chat_template"].file))
     else:
         source = config.get("chat_template")
         if isinstance(source, list):  # several named templates: transformers uses "default"
@@ -109,10 +109,17 @@ def load_template(bundle) -> Optional[ChatTemplate]:
     return ChatTemplate(source=source, special_tokens=tokens)
 
 
+def _read_text(path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not readable UTF-8 text ({exc})") from None
+
+
 def _read_json(path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
         raise BundleError(f"{path}: not readable JSON ({exc})") from None
     return data if isinstance(data, dict) else {}
 
