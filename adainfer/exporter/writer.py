@@ -188,6 +188,13 @@ def _export_graphs(adapter: FamilyAdapter, tmp: Path, verify: bool, progress: bo
 
 def _export_one(gdef: GraphDef, path: Path, threshold: int) -> None:
     """Export one graph; large ones keep their weights in `<name>.onnx.data` (ONNX external data)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in gdef.module.parameters())
+    if gdef.build is not None:  # written directly (fused operators), not traced
+        try:
+            save_graph(gdef.build(), path, weight_bytes, threshold)
+        except Exception as exc:
+            raise ExportError(f"writing {gdef.name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        return
     scratch = path.parent / f".scratch-{gdef.name}"
     scratch.mkdir()
     try:
@@ -205,7 +212,6 @@ def _export_one(gdef: GraphDef, path: Path, threshold: int) -> None:
                 dynamo=False,
             )
         model = onnx.load(str(scratch / "graph.onnx"))
-        weight_bytes = sum(p.numel() * p.element_size() for p in gdef.module.parameters())
         save_graph(model, path, weight_bytes, threshold)
     except Exception as exc:
         raise ExportError(f"exporting {gdef.name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
