@@ -27,6 +27,7 @@ from . import quantize, staging
 from .families import FamilyAdapter, adapter_class_for, adapter_for
 from .graph_files import save_graph
 from .graphs import GraphDef, graph_defs
+from .shared_weights import share_weights
 from .verify import verify_against_transformers, verify_graph
 
 OPSET = 17
@@ -136,6 +137,7 @@ def export_model(
         with torch.no_grad():
             graphs = _export_graphs(adapter, tmp, verify, progress, external_data_threshold)
         files = _copy_model_files(model, tmp, model_dir, tokenizer_file)
+        graphs, files = _share(adapter, tmp, graphs, files, verify, external_data_threshold)
         manifest = _manifest(adapter, graphs, files)
         manifest.save(tmp)
         staging.checkpoint("manifest")
@@ -154,10 +156,12 @@ def _quantize_graphs(model, adapter: FamilyAdapter, tmp: Path, manifest: Manifes
     defs = {gdef.name: gdef for gdef in graph_defs(adapter)}
     graphs = dict(manifest.graphs)
     tolerance = quantize.TOLERANCES[precision]
+    converted = set()
     for name, spec in manifest.graphs.items():
         if not (name in manifest.block_names or name.startswith("kv_fill_")
                 or (heads and name in ("embed", "exit_head", "final_head"))):
             continue
+        converted.add(name)
         path = tmp / spec.file
         quantize.convert(path, path, precision, external_data_threshold=threshold)
         if verify:
@@ -166,11 +170,32 @@ def _quantize_graphs(model, adapter: FamilyAdapter, tmp: Path, manifest: Manifes
         graphs[name] = dataclasses.replace(_graph_spec(path), precision=precision)
     info = {"precision": precision, "quantize_heads": heads, "tolerance": tolerance, "verified": verify,
             "onnxruntime": quantize.ort_version()}
-    manifest = dataclasses.replace(manifest, graphs=graphs, extras={**manifest.extras, "quantization": info})
+    files = {k: v for k, v in manifest.files.items() if k != "shared_weights"}
+    graphs, files = _share(adapter, tmp, graphs, files, False, threshold)
+    graphs = {name: dataclasses.replace(spec, precision=manifest.graphs[name].precision if name not in converted
+                                        else precision) for name, spec in graphs.items()}
+    manifest = dataclasses.replace(manifest, graphs=graphs, files=files, extras={**manifest.extras, "quantization": info})
     manifest.save(tmp)
     if verify:
         verify_against_transformers(model, tmp, tolerance=tolerance["chain"])
     return manifest
+
+
+def _share(adapter: FamilyAdapter, tmp: Path, graphs: dict[str, GraphSpec], files: dict, verify: bool,
+           threshold: int) -> tuple[dict[str, GraphSpec], dict]:
+    """Store the weights several graphs hold once (`shared_weights.py`); re-verify the heads it rewrote."""
+    shared = share_weights(tmp, [spec.file for spec in graphs.values()], threshold)
+    if verify:
+        with torch.no_grad():
+            for gdef in graph_defs(adapter):
+                if gdef.name.endswith("_head") and gdef.name in graphs:
+                    verify_graph(gdef, tmp / graphs[gdef.name].file)
+    graphs = {name: dataclasses.replace(_graph_spec(tmp / spec.file), precision=spec.precision)
+              for name, spec in graphs.items()}
+    files = dict(files)
+    if shared:
+        files["shared_weights"] = file_spec(tmp, shared)
+    return graphs, files
 
 
 def _export_graphs(adapter: FamilyAdapter, tmp: Path, verify: bool, progress: bool, threshold: int) -> dict[str, GraphSpec]:
