@@ -5,7 +5,8 @@ Runs under the peers' Python (the one with onnxruntime_genai installed):
     PEER_PYTHON tools/genai_peer.py MODEL_DIR --threads 2
 
 Each request line is JSON {"ids": [...], "tokens": N}; the answer line is JSON with the prefill
-seconds, the decode seconds per token (greedy, N tokens after the prompt) and the generated ids.
+seconds (prompt -> first token), the decode seconds per token (N one-token forwards after the
+first token, each choosing the next one, as our chain's `Model.step`) and the N + 1 generated ids.
 {"rss": true} answers the process's peak resident set (VmHWM, MB). Greedy: do_sample false.
 """
 
@@ -44,14 +45,15 @@ def main() -> int:
             continue
         ids, tokens = request["ids"], request["tokens"]
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + tokens + 1, do_sample=False)
+        params.set_search_options(max_length=len(ids) + tokens + 2, do_sample=False)
         generator = og.Generator(model, params)
         started = time.perf_counter()
-        generator.append_tokens(ids)  # prefill; its first token is sampled by the first generate_next_token
+        generator.append_tokens(ids)
+        generator.generate_next_token()  # the prompt's forward and the first new token (no forward of it yet)
         prefill = time.perf_counter() - started
-        out = []
+        out = [int(generator.get_next_tokens()[0])]
         started = time.perf_counter()
-        for _ in range(tokens):
+        for _ in range(tokens):  # each: the forward of the previous token, then choosing the next
             generator.generate_next_token()
             out.append(int(generator.get_next_tokens()[0]))
         decode = (time.perf_counter() - started) / tokens
