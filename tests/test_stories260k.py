@@ -35,8 +35,9 @@ def test_batched_prompts_equal_single(stories_bundle, stories_tokenizer):
     model = rt.load(stories_bundle)
     ids = [stories_tokenizer.encode(p).ids for p in PROMPTS[:4]]
     batched = model.last_logits(ids)
-    for row, one in enumerate(ids):
-        assert np.max(np.abs(batched[row] - model.last_logits([one])[0])) < 1e-5
+    for row, one in enumerate(ids):  # float32 rounding only: the fused attention kernel sums a padded
+        single = model.last_logits([one])[0]  # row in another order (seen: 1.1e-5 on logits of 17.8)
+        assert np.max(np.abs(batched[row] - single)) < 1e-6 * max(1.0, float(np.max(np.abs(single))))
 
 
 def test_exit_head_features_match_final_head(stories_bundle):

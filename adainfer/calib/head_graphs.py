@@ -17,18 +17,24 @@ from ..errors import AdainferError
 
 
 def _lm_head_matmul(model: onnx.ModelProto, vocab_size: int):
+    """(node, initializer, W as hidden x vocab): a MatMul with W, or the Gemm(transB=1) reading a tied
+    table (vocab x hidden) that the exporter's shared weights use (exporter/shared_weights.py)."""
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits and inits[node.input[1]].dims[-1] == vocab_size:
-            return node, inits[node.input[1]]
+            return node, inits[node.input[1]], numpy_helper.to_array(inits[node.input[1]])
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type == "Gemm" and len(node.input) == 2 and node.input[1] in inits and attrs.get("transB") == 1
+                and not attrs.get("transA") and inits[node.input[1]].dims[0] == vocab_size):
+            return node, inits[node.input[1]], numpy_helper.to_array(inits[node.input[1]]).T
     raise AdainferError("exit head: no MatMul with a vocabulary-sized weight (cannot build a low-rank head)")
 
 
 def lowrank_head(exit_head: Path, out: Path, vocab_size: int, rank: int) -> dict:
     """Replace the LM head W (hidden x vocab) by its rank-`rank` truncated SVD A @ B."""
     model = onnx.load(str(exit_head))
-    node, init = _lm_head_matmul(model, vocab_size)
-    weight = numpy_helper.to_array(init).astype(np.float64)
+    node, init, weight = _lm_head_matmul(model, vocab_size)
+    weight = weight.astype(np.float64)
     u, s, vt = np.linalg.svd(weight, full_matrices=False)
     a = (u[:, :rank] * s[:rank]).astype(np.float32)
     b = vt[:rank].astype(np.float32)

@@ -55,6 +55,10 @@ def main(args) -> int:
     else:
         bundle, prompt = (Path(args.args[0]), args.args[1]) if len(args.args) == 2 else (DEFAULT_BUNDLE, args.args[0])
     check_options(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any work
+    if args.backend == "onnxruntime":  # one thread pool for all the bundle's sessions (runtime/sessions.py)
+        from ..runtime.sessions import use_global_thread_pool
+
+        use_global_thread_pool(args.threads)
     model = load(bundle, threads=args.threads) if args.backend == "onnxruntime" else load(bundle, backend=args.backend)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop_at_eos=not args.no_stop_at_eos, truncate=args.truncate_prompt,

@@ -6,7 +6,9 @@ Each `GraphDef` is everything `torch.onnx.export` and the verifier need for one 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
+import onnx
 import torch
 from torch import nn
 
@@ -43,11 +45,15 @@ class KVFill(nn.Module):
 
 @dataclass
 class GraphDef:
+    """`module` is the PyTorch reference; the file is its trace, or `build()`'s ONNX model when given
+    (a block written directly with fused operators, verified against `module` all the same)."""
+
     name: str
     module: nn.Module
     inputs: dict[str, torch.Tensor]
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]]
+    build: Optional[Callable[[], onnx.ModelProto]] = None
 
 
 def example_block_inputs(geometry, batch=2, seq=3, past=4, seed=0) -> dict[str, torch.Tensor]:
@@ -92,15 +98,21 @@ BLOCK_AXES = {
 }
 
 
-def graph_defs(adapter: FamilyAdapter, seed: int = 0) -> list[GraphDef]:
-    """The graphs of a bundle in export order: embed, blocks, exit head, final head."""
+def graph_defs(adapter: FamilyAdapter, seed: int = 0, fused: bool = True) -> list[GraphDef]:
+    """The graphs of a bundle in export order: embed, blocks, kv fills, exit head, final head.
+
+    With `fused`, blocks the adapter can write with ONNX Runtime's fused operators
+    (`FamilyAdapter.fused_block`) are; their example inputs have no past (the fused attention
+    refuses several tokens with a past in a batch over one)."""
     geometry = adapter.geometry()
     embed_inputs = example_embed_inputs(adapter, seed=seed)
     defs = [GraphDef("embed", adapter.embed(), embed_inputs, ["hidden_states"],
                      {**{n: {0: "batch", 1: "sequence"} for n in embed_inputs}, "hidden_states": {0: "batch", 1: "sequence"}})]
     for i in range(geometry.num_layers):
-        defs.append(GraphDef(f"block_{i:02d}", adapter.block(i), example_block_inputs(geometry, seed=seed + i),
-                             ["hidden_states_out", "present_key", "present_value"], BLOCK_AXES))
+        build = adapter.fused_block(i) if fused else None
+        inputs = example_block_inputs(geometry, past=0 if build else 4, seed=seed + i)
+        defs.append(GraphDef(f"block_{i:02d}", adapter.block(i), inputs,
+                             ["hidden_states_out", "present_key", "present_value"], BLOCK_AXES, build))
     for i in range(geometry.num_layers):
         block_inputs = example_block_inputs(geometry, seed=seed + i)
         defs.append(GraphDef(f"kv_fill_{i:02d}", KVFill(adapter.block(i)),

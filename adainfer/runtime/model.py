@@ -6,7 +6,9 @@ last position is the newest token, and position ids count real tokens only.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
@@ -93,17 +95,64 @@ class StreamEvent:
     layers: int
 
 
+class Sessions(Mapping):
+    """One ONNX Runtime session per graph, by graph name; the graphs only early exit needs (the exit
+    head, the kv_fill graphs) get theirs on first use, so a full-depth generation never holds them
+    (the exit head is a whole LM head: 113 MB of weights, prepacked, on SmolLM2). Every graph's
+    interface is checked against the manifest at load all the same, by a session that skips graph
+    optimization and weight prepacking (weights in external data are mapped, not read)."""
+
+    LAZY = ("exit_head", "kv_fill_")
+
+    def __init__(self, bundle: Bundle, providers: Sequence, threads: Optional[int]):
+        self.bundle, self.providers, self.threads = bundle, providers, threads
+        self._sessions: dict = {}
+        self._lock = threading.Lock()
+        self.inputs: dict[str, list[str]] = {}
+        self.outputs: dict[str, list[str]] = {}
+        for name in bundle.manifest.graphs:
+            lazy = name.startswith(self.LAZY)
+            session = make_session(bundle.graph_path(name), providers, threads, light=lazy)
+            bundle.check_session(name, session)  # the graphs' real interfaces match the manifest
+            self.inputs[name] = [i.name for i in session.get_inputs()]
+            self.outputs[name] = [o.name for o in session.get_outputs()]
+            if not lazy:
+                self._sessions[name] = session
+            del session
+
+    def __getitem__(self, name: str):
+        session = self._sessions.get(name)
+        if session is None:
+            if name not in self.inputs:
+                raise KeyError(name)
+            with self._lock:
+                session = self._sessions.get(name)
+                if session is None:
+                    session = self._sessions[name] = make_session(self.bundle.graph_path(name), self.providers, self.threads)
+        return session
+
+    def __iter__(self):
+        return iter(self.inputs)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __contains__(self, name) -> bool:
+        return name in self.inputs
+
+    def loaded(self) -> list[str]:
+        """Names of the graphs whose full sessions exist now."""
+        return list(self._sessions)
+
+
 class Model:
     """A loaded bundle. Thread-safe for concurrent generations: each owns its `DecodeState`."""
 
     def __init__(self, bundle: Bundle, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None):
         self.bundle = bundle
         self.manifest = m = bundle.manifest
-        self.sessions = {name: make_session(bundle.graph_path(name), providers, threads) for name in m.graphs}
-        self._inputs = {name: [i.name for i in s.get_inputs()] for name, s in self.sessions.items()}
-        self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
-        for name, session in self.sessions.items():
-            bundle.check_session(name, session)  # the graphs' real interfaces match the manifest
+        self.sessions = Sessions(bundle, providers, threads)
+        self._inputs, self._outputs = self.sessions.inputs, self.sessions.outputs
         tok = bundle.tokenizer_path
         self.tokenizer = TextTokenizer(tok) if tok is not None else None
         self.num_layers = m.num_layers

@@ -1,7 +1,19 @@
-"""ONNX Runtime sessions, one per graph, with options suited to many small graphs (no spin-waiting)."""
+"""ONNX Runtime sessions, one per graph, with options suited to many small graphs (no spin-waiting).
+
+A bundle runs one session per graph (embedding, blocks, heads, kv fills). By default each has
+its own intra-op thread pool; `use_global_thread_pool` instead makes every session of the
+process share ONNX Runtime's global pool: one set of worker threads for 30+ sessions, so a
+decode step does not wake a different pool for every block. Measured on SmolLM2 (2 cores,
+tools/chain_vs_genai.py, docs/bench/): see `docs/bench/chain-vs-genai.md`. ONNX Runtime fixes the
+global pool when its environment is created (the first session of the process) and then
+refuses sessions with their own pools, so it is a per-process choice: `adainfer run` makes it
+first thing; library users call `use_global_thread_pool` before loading anything, or keep the
+per-session pools.
+"""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -10,6 +22,36 @@ import onnxruntime as ort
 from ..errors import BundleError
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+_pool_lock = threading.Lock()
+_global_pool: Optional[int] = None  # intra-op threads of the global pool, once this process uses it (0 = default)
+_sessions_made = False  # whether `make_session` has created a session (then the environment exists)
+
+
+def use_global_thread_pool(threads: Optional[int] = None) -> bool:
+    """Share ONNX Runtime's global thread pool (`threads` intra-op threads; None = ONNX Runtime's
+    default) between every session this process creates from now on; returns whether it is in
+    effect. Call it before any ONNX Runtime session exists in the process: ONNX Runtime silently
+    ignores the pool size once its environment exists (then sessions without their own pool would
+    run on one thread), so this refuses (False) once `make_session` has run; sessions created
+    elsewhere must not precede it either. Afterwards every session must come from `session_options`
+    (ONNX Runtime refuses sessions with their own pools)."""
+    global _global_pool
+    from onnxruntime.capi import _pybind_state
+
+    with _pool_lock:
+        if _global_pool is not None:
+            return _global_pool == (threads or 0)
+        if _sessions_made:
+            return False
+        _pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
+        _global_pool = threads or 0
+        return True
+
+
+def global_thread_pool() -> Optional[int]:
+    """The global pool's intra-op threads if this process uses it (0 = ONNX Runtime's default), else None."""
+    return _global_pool
 
 
 def session_options(threads: Optional[int] = None) -> ort.SessionOptions:
@@ -21,19 +63,34 @@ def session_options(threads: Optional[int] = None) -> ort.SessionOptions:
     # graph runs; on a few cores that made a decode step 8x slower (`adainfer bench`). Sleep instead.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
+    if _global_pool is not None:  # threads come from the process-wide pool
+        options.use_per_session_threads = False
+    elif threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     return options
 
 
-def make_session(path: Path, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None) -> ort.InferenceSession:
+def light_options() -> ort.SessionOptions:
+    """For reading a graph's interface only: no graph optimization, no weight prepacking, one thread."""
+    options = session_options(1)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def make_session(path: Path, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
+                 light: bool = False) -> ort.InferenceSession:
+    """A session for one graph; `light`: only to read its interface (see `light_options`)."""
     available = set(ort.get_available_providers())
     names = [p[0] if isinstance(p, tuple) else p for p in providers]
     missing = [n for n in names if n not in available]
     if missing:
         raise BundleError(f"execution provider not available in this onnxruntime: {', '.join(missing)} (available: {', '.join(sorted(available))})")
+    global _sessions_made
+    _sessions_made = True
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=list(providers))
+        options = light_options() if light else session_options(threads)
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
         raise BundleError(f"cannot load {path.name}: {str(exc).splitlines()[0]}") from None

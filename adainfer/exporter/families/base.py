@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -69,6 +70,11 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def kv_fill_macs(self, index: int) -> int:
         """MACs per token of layer `index`'s key/value projections (a kv_fill graph)."""
+
+    def fused_block(self, index: int) -> Optional[Callable[[], "onnx.ModelProto"]]:
+        """A builder of block `index` as an ONNX model with ONNX Runtime's fused operators, or None
+        (the traced `block(index)` is exported). The result must match `block(index)` on real positions."""
+        return None
 
     def embed_macs(self) -> int:
         return 0

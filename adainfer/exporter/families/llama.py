@@ -13,6 +13,7 @@ from ...errors import UnsupportedModelError
 from ...manifest import MacCount
 from ..attention import apply_rotary, causal_attention, matmul_macs, rotary_cos_sin, split_heads
 from .base import FamilyAdapter, Geometry, Head
+from .llama_fused import can_fuse, fused_block_model
 
 
 class LlamaEmbed(nn.Module):
@@ -110,6 +111,14 @@ class LlamaAdapter(FamilyAdapter):
 
     def head(self) -> nn.Module:
         return Head(self._decoder.norm, self.model.lm_head)
+
+    def fused_block(self, index: int):
+        """GroupQueryAttention / RotaryEmbedding / fused norms (see `llama_fused`) where the layout allows."""
+        block = self.block(index)
+        if not can_fuse(block, getattr(self.config, "hidden_act", "silu")):
+            return None
+        g = self.geometry()
+        return lambda: fused_block_model(block, g.num_heads, g.num_kv_heads, g.max_positions, f"block_{index:02d}")
 
     def block_macs(self, index: int) -> MacCount:
         layer = self._decoder.layers[index]
