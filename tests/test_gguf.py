@@ -58,9 +58,9 @@ TINY_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}<
                  "{% if add_generation_prompt %}<s>assistant: {% endif %}")
 
 
-def write_tiny_llama_gguf(path: Path, model) -> Path:
+def write_tiny_llama_gguf(path: Path, model, leave_out: tuple[str, ...] = ()) -> Path:
     """A float32 GGUF of a tiny random-weight `LlamaForCausalLM`, laid out as llama.cpp writes one
-    (a character-level BPE tokenizer, a chat template)."""
+    (a character-level BPE tokenizer, a chat template); tensors named in `leave_out` are not written."""
     import gguf
 
     cfg = model.config
@@ -90,6 +90,8 @@ def write_tiny_llama_gguf(path: Path, model) -> Path:
     writer.add_chat_template(TINY_TEMPLATE)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    add_tensor = writer.add_tensor
+    writer.add_tensor = lambda name, data: None if name in leave_out else add_tensor(name, data)
     writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
         hf, g = f"model.layers.{i}.", f"blk.{i}."
@@ -149,6 +151,27 @@ def test_tiny_gguf_round_trip_and_export(tmp_path, capsys):
     assert np.abs(loaded.last_logits([ids])[0] - expected).max() < 1e-4
     assert rt.conversation.template_of(loaded).render("hi") == "<s>user: hi</s><s>assistant: "
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "gguf", "hf"]  # the temporary HF directory is gone
+
+
+def test_a_gguf_missing_a_tensor_is_refused(tmp_path, capsys):
+    """transformers would leave the parameter randomly initialised (a warning we silence): refused instead."""
+    from conftest import tiny_model
+
+    gguf_file = write_tiny_llama_gguf(tmp_path / "holey.gguf", tiny_model("llama"), leave_out=("blk.1.ffn_norm.weight",))
+    _refuse_case(capsys, tmp_path, gguf_file, "1 parameters were not loaded (e.g. model.layers.1.post_attention_layernorm.weight)")
+
+
+def test_a_model_directory_missing_a_tensor_is_refused(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from conftest import tiny_model
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    weights = load_file(model_dir / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    _refuse_case(capsys, tmp_path, model_dir, "cannot load model from", "1 parameters were not loaded (e.g. model.layers.0.mlp.up_proj.weight)")
 
 
 def _export_cli_verified(capsys, *args):

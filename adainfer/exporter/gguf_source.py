@@ -21,6 +21,7 @@ from typing import Optional
 
 from ..errors import ExportError, UnsupportedModelError
 from ..manifest import ModelSource, sha256_of
+from .loading import check_loading_info
 
 GGUF_MAGIC = b"GGUF"
 SUFFIX = ".gguf"
@@ -157,10 +158,12 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path, header: Optional[GGUFHeader] 
     try:
         with warnings.catch_warnings(), _quiet_stderr(not progress):
             warnings.simplefilter("ignore")
-            loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+            loaded, info = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32,
+                                                                             output_loading_info=True, **kwargs)
             tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
     except Exception as exc:  # transformers raises many types for a file it cannot map
         raise ExportError(f"cannot load {gguf_path} with transformers' GGUF loader: {_first_line(exc)}") from None
+    check_loading_info(info, gguf_path)
     config = loaded.config
     config.quantization_config = None
     plain = type(loaded)(config)

@@ -28,6 +28,7 @@ from . import gguf_source, quantize, staging
 from .families import FamilyAdapter, adapter_class_for, adapter_for
 from .graph_files import save_graph
 from .graphs import GraphDef, graph_defs
+from .loading import check_loading_info
 from .shared_weights import share_weights
 from .verify import verify_against_transformers, verify_graph
 
@@ -68,11 +69,12 @@ def load_model(model_dir: Path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=torch.float32, use_safetensors=True, attn_implementation="eager"
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=torch.float32, use_safetensors=True, attn_implementation="eager", output_loading_info=True
             )
     except Exception as exc:  # transformers raises many types for a broken directory
         raise ExportError(f"cannot load model from {model_dir}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    check_loading_info(info, model_dir)
     return model.eval()
 
 
