@@ -38,12 +38,14 @@ def register(sub) -> None:
 def main(args) -> int:
     from ..errors import InputError
     from ..runtime import load
-    from ..runtime.limits import check_options
+    from ..runtime.limits import check_decoding, check_options, check_threads
 
     if len(args.args) > 2:
         raise InputError("expected [BUNDLE] PROMPT (quote a prompt that has spaces)")
     bundle, prompt = (Path(args.args[0]), args.args[1]) if len(args.args) == 2 else (DEFAULT_BUNDLE, args.args[0])
     check_options(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any work
+    check_decoding(args.mode, args.max_draft)
+    check_threads(args.threads)
     model = load(bundle, threads=args.threads) if args.backend == "onnxruntime" else load(bundle, backend=args.backend)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop_at_eos=not args.no_stop_at_eos, truncate=args.truncate_prompt,
