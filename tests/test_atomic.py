@@ -25,10 +25,16 @@ def _leftovers(target: Path) -> list[str]:
     return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}{PARTIAL}"))
 
 
+def _default_sigint() -> None:
+    """In the child before exec: a pytest started in the background (`pytest &`) ignores SIGINT, and an
+    ignored SIGINT is inherited and kept by Python, so the Ctrl-C below would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _export_process(target: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "adainfer.exporter.cli", str(STORIES_DIR), "-o", str(target),
                              "--force", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **env})
+                            env={**os.environ, **env}, preexec_fn=_default_sigint)
 
 
 def _dead_pid() -> int:
