@@ -108,6 +108,8 @@ def run(name: str, path: str, old: str, new: str, tests: list, timeout: int = 90
             return "MISSED (timed out)", time.time() - started, ""
         summary = (proc.stdout.strip().splitlines() or [""])[-1]
         verdict = {0: "MISSED (tests passed)", 1: "caught"}.get(proc.returncode, f"error (pytest exit {proc.returncode})")
+        if proc.returncode == 1 and " failed" not in summary:  # only errors (a fixture broke): not evidence
+            verdict = "undecided (a fixture failed, no test ran)"
         return verdict, time.time() - started, summary
 
 
