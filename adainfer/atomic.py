@@ -152,6 +152,15 @@ def _swap_in(new: Path, target: Path, work: Path) -> None:
     checkpoint("renamed")
 
 
+def real_target(target: Path) -> Path:
+    """The path a write to `target` must replace: a symbolic link at `target` is followed (to the
+    end of a chain), so the directory or file it points to is updated and the link stays a link."""
+    target = Path(target).absolute()
+    if target.is_symlink():
+        return Path(os.path.realpath(target))
+    return target
+
+
 def _work_dir(target: Path, error: Error) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +185,7 @@ def check_target(target: Path, force: bool, error: Error = AdainferError) -> Non
 @contextlib.contextmanager
 def staged_directory(target: Path, force: bool = False, error: Error = AdainferError) -> Iterator[Path]:
     """Yield an empty directory; on success it replaces `target`, on any failure it is removed."""
-    target = Path(target).absolute()
+    target = real_target(target)
     check_target(target, force, error)
     work = _work_dir(target, error)
     new = work / "new"
@@ -235,7 +244,7 @@ def staged_update(target: Path, error: Error = AdainferError) -> Iterator[Direct
     new ones, and swapped in; on any failure nothing changes. The live files are never
     opened for writing, so readers of the old directory are not disturbed.
     """
-    target = Path(target).absolute()
+    target = real_target(target)
     if not target.is_dir():
         raise error(f"directory not found: {target}")
     work = _work_dir(target, error)
@@ -289,7 +298,7 @@ def _assemble(live: Path, overlay: Path, removed: set[str], out: Path) -> None:
 @contextlib.contextmanager
 def staged_file(target: Path, error: Error = AdainferError) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` in one rename."""
-    target = Path(target).absolute()
+    target = real_target(target)
     try:
         remove_stale(target)
         fd, tmp_name = tempfile.mkstemp(prefix=f"{_partial_prefix(target)}{os.getpid()}-", dir=target.parent)

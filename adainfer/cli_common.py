@@ -29,6 +29,10 @@ def _one_line(exc: BaseException) -> str:
 
 def run_main(prog: str, main: Callable[[], int]) -> int:
     """Run a command's body: `AdainferError` -> one line and exit 2, Ctrl-C -> one line and 130."""
+    if sys.stdout is None:  # started with file descriptor 1 closed (`adainfer run ... >&-`)
+        if sys.stderr is not None:
+            print(f"{prog}: error: standard output is closed; nothing to write the result to", file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         return main() or 0
     except AdainferError as exc:

@@ -372,10 +372,17 @@ def _refuse_constant(name: str):
     raise BundleError(f"manifest.json: {name} is not a number JSON allows")
 
 
+def check_bundle_path(bundle_dir: Any) -> None:
+    """A bundle path given to the API is a str or path-like (one-line `BundleError` for None, numbers, ...)."""
+    if not isinstance(bundle_dir, (str, os.PathLike)):
+        raise BundleError(f"bundle path must be a path, got {'None' if bundle_dir is None else type(bundle_dir).__name__}")
+
+
 def read_manifest_json(bundle_dir: Path) -> Any:
     """The parsed `manifest.json` of a bundle (not yet validated): one-line `BundleError`s for
     a missing directory or file, a manifest that leaves the bundle, unreadable or oversized
     files, non-UTF-8 text, invalid JSON, duplicate keys and NaN or infinite numbers."""
+    check_bundle_path(bundle_dir)
     root = Path(bundle_dir)
     path = root / MANIFEST_NAME
     if not root.is_dir():

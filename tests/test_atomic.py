@@ -25,10 +25,16 @@ def _leftovers(target: Path) -> list[str]:
     return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}{PARTIAL}"))
 
 
+def _default_sigint() -> None:
+    """In the child before exec: a pytest started in the background (`pytest &`) ignores SIGINT, and an
+    ignored SIGINT is inherited and kept by Python, so the Ctrl-C below would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _export_process(target: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "adainfer.exporter.cli", str(STORIES_DIR), "-o", str(target),
                              "--force", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **env})
+                            env={**os.environ, **env}, preexec_fn=_default_sigint)
 
 
 def _dead_pid() -> int:
@@ -238,3 +244,41 @@ def test_manifest_save_refuses_an_invalid_manifest(stories_bundle, tmp_path):
     with pytest.raises(BundleError, match="not a multiple"):
         bad.save(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writes_through_a_symlinked_bundle_path_keep_the_link(stories_bundle, tmp_path):
+    """`ln -s real link; adainfer calib link` / `adainfer-export -o link --force` update `real`, and
+    `link` stays a link to it (a staged write used to replace the link with a plain directory)."""
+    real = tmp_path / "real"
+    shutil.copytree(stories_bundle, real)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with atomic.staged_update(link, BundleError) as update:  # what calibration does
+        update.path("note.txt").write_text("added through the link")
+        Manifest.load(link).attach("note", update.dir, "note.txt").save(update.dir)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert (real / "note.txt").read_text() == "added through the link"
+    assert rt.load(link).manifest.attachments["note"].file == "note.txt"
+    with atomic.staged_directory(link, force=True) as tmp:  # what an export does
+        (tmp / "manifest.json").write_text("{}")
+    assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == ["manifest.json"]
+    atomic.atomic_write_text(link / "manifest.json", "[]")  # a single file through the link
+    assert (real / "manifest.json").read_text() == "[]"
+    file_link = tmp_path / "file-link.txt"
+    file_link.symlink_to(real / "manifest.json")
+    atomic.atomic_write_text(file_link, "{}")
+    assert file_link.is_symlink() and (real / "manifest.json").read_text() == "{}"
+    assert _leftovers(real) == [] and _leftovers(link) == []
+
+
+def test_export_force_through_a_symlink_keeps_the_link(stories_bundle, tmp_path, capsys):
+    from adainfer.exporter.cli import main
+
+    real = tmp_path / "real"
+    shutil.copytree(stories_bundle, real)
+    (real / "old-marker").write_text("the bundle before")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert main([str(STORIES_DIR), "-o", str(link), "--force", "--quiet", "--no-verify", "--no-calib"]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert not (real / "old-marker").exists() and rt.load(real).manifest.num_layers == 5

@@ -88,13 +88,72 @@ def test_calibration_report_and_decisions(calibrated):
     assert report["paper_rule_gap_0.8"]["agreement"] < 0.5
 
 
+def test_calibration_exits_early_where_the_model_can(calibrated):
+    """stories260K saves little at 0.99 (README: +0.4%), but not nothing: a calibration that never
+    exits must fail here. Held-out numbers of the chosen exit, as measured when this was written:
+    ~3.6% of positions leave after block 4, +0.4% compute saved with decisions counted."""
+    _, report = calibrated
+    chosen = report["chosen"]
+    assert chosen["exit_histogram"][-1] < sum(chosen["exit_histogram"])  # some positions exit before block 5
+    assert sum(chosen["exit_histogram"][:-1]) >= 0.01 * sum(chosen["exit_histogram"])
+    assert chosen["mean_exit_layer"] < 4.99
+    assert 0.0 < chosen["flops_saved"] <= chosen["flops_saved_excluding_decision"]
+    from adainfer.calib.evidence import agreement_lower_bound
+
+    n = report["positions"]["held_out"]
+    assert agreement_lower_bound(round(chosen["agreement"] * n), n) >= 0.99  # the evidence rule, not the point estimate
+
+
 def test_heldout_agreement_meets_target(calibrated):
+    """On text it was not calibrated on: agreement, a real saving, and the runtime exiting exactly where
+    the simulation says, on positions the simulation says exit early as well as ones it says do not."""
+    from adainfer.calib.evaluate import decider_scores
+    from adainfer.calib.features import collect
+    from adainfer.calib.simulate import CostModel, exit_layers
+
     bundle, _ = calibrated
     result = evaluate(bundle, HELDOUT_TEXT, limit=30, timing_samples=20)
-    assert result["agreement"] >= 0.99
+    assert result["agreement"] >= 0.985
     assert result["runtime_exits_match_simulation"] == 1.0
-    assert -1.0 < result["flops_saved"] <= result["flops_saved_excluding_decision"] < 1.0
     assert sum(result["exit_histogram"]) == result["positions"]
+    assert result["exit_histogram"][-1] < result["positions"] and result["mean_exit_layer"] < 5.0
+    assert result["flops_saved"] > -0.01 and result["flops_saved_excluding_decision"] > 0.0
+
+    model = rt.load(bundle)
+    decider = ExitDecider(model, load_policy(model))
+    dataset = load_dataset(HELDOUT_TEXT, "text", model.tokenizer.encode, limit=6)
+    table = collect(model, dataset, progress=False)
+    simulated = exit_layers(decider_scores(decider, table), decider.policy.threshold,
+                            CostModel(model.manifest, decider.policy).evaluated)
+    early = np.flatnonzero(simulated < 5)[:8]
+    late = np.flatnonzero(simulated == 5)[:4]
+    assert len(early) >= 3, "the calibrated exit never fires on held-out text"
+    by_doc = {e.doc_id: e for e in dataset.examples}
+    for row in [*early, *late]:
+        ids = by_doc[int(table.doc_id[row])].ids[: int(table.context[row])]
+        assert predict(model, ids, decider).exit_layer == simulated[row], row
+
+
+def test_generated_tokens_exit_early_where_the_decider_says(calibrated):
+    """In early-exit generation some tokens leave before the last block; the first such token of a
+    generation (all earlier tokens ran full depth, so the cache is exact) exits at the layer a
+    single forward over the same context exits at."""
+    bundle, _ = calibrated
+    model = rt.load(bundle)
+    decider = model.decider()
+    exited = 0
+    prompts = ["Once upon a time", "Lily and Ben went to the park", "The little dog was sad because", "One day, a bird",
+               "Tom had a red ball. He"]
+    for prompt in prompts:
+        ids = model.encode(prompt)
+        g = model.generate(ids, max_new_tokens=40, mode="early-exit", stop_at_eos=False)
+        first = next((i for i, layers in enumerate(g.layers_per_token) if layers < model.num_layers), None)
+        if first is None:
+            continue
+        exited += 1
+        assert first > 0  # the prompt's own forward runs full depth
+        assert predict(model, ids + g.tokens[:first], decider).exit_layer == g.layers_per_token[first]
+    assert exited >= 2, "early-exit generation never left early"
 
 
 def test_forced_exit_runs_exactly_k_blocks(stories_bundle):
@@ -136,7 +195,8 @@ def test_run_json_reports_exit_layer(calibrated):
     result = json.loads(out)
     policy = load_policy(rt.load(bundle))
     assert result["mode"] == "early-exit" and len(result["layers_per_token"]) == 4
-    assert 1 <= result["layers_per_token"][0] <= 5 and result["layers_per_token"][1:] == [5, 5, 5]
+    assert result["layers_per_token"][0] == 5  # the prompt's forward runs full depth
+    assert result["layers_per_token"][1:] == [5, 5, 5]
     assert policy.decision in ("folded", "classifier")
 
 
@@ -146,7 +206,8 @@ def test_classification_formats_end_to_end(stories_bundle, tmp_path, task, data)
         pytest.skip(f"../shared/data/{data} not present")
     bundle = tmp_path / "b"
     shutil.copytree(stories_bundle, bundle)
-    report = calibrate(bundle, SHARED / data, task=task, limit=80, shots=1, progress=False)
+    # 24 held-out prompts can show at most 0.05 ** (1 / 24) = 0.88 agreement (the evidence rule): target 0.85
+    report = calibrate(bundle, SHARED / data, task=task, limit=80, shots=1, progress=False, target=0.85)
     assert report["positions"]["train"] + report["positions"]["held_out"] == 80
     result = evaluate(bundle, SHARED / data, task=task, skip=80, limit=40, shots=1, timing_samples=10)
     assert 0.0 <= result["accuracy"] <= 1.0 and result["positions"] == 40

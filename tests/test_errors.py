@@ -11,7 +11,7 @@ from conftest import STORIES_DIR, run_cli
 
 
 def _assert_one_line_error(rc, out, err, *needles):
-    assert rc != 0
+    assert rc == 2, (rc, err)  # the README's promise: user errors exit 2 (1 is for the machine, 130 for Ctrl-C)
     assert "Traceback" not in err and "Traceback" not in out
     lines = [l for l in err.strip().splitlines() if l.strip()]
     assert len(lines) == 1, err

@@ -107,7 +107,13 @@ def test_int8_greedy_generation_runs(bundles, stories_bundle, precision):
     want = rt.load(stories_bundle).generate("Once upon a time", max_new_tokens=24)
     got = rt.load(bundles[precision]).generate("Once upon a time", max_new_tokens=24)
     assert got.new_tokens == 24 and got.text.startswith("Once upon a time")
-    assert got.tokens[:3] == want.tokens[:3]
+    assert got.tokens == want.tokens  # all 24 greedy tokens, as measured for both int8 precisions
+
+
+#: kv_fill outputs against fp32 on random hidden states: max |error| / max(1, max |fp32|), measured
+#: (fp16 2e-4, int8-weight 5.5e-3, int8-dynamic 0.20: activations quantized per call) with room; and the
+#: greedy early-exit tokens (forced exit after block 3) that must equal fp32's, measured 12, 8, 8 of 12
+KV_FILL = {"fp16": (1e-3, 12), "int8-weight": (0.015, 8), "int8-dynamic": (0.3, 8)}
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8-dynamic", "int8-weight"])
@@ -115,6 +121,7 @@ def test_quantized_kv_fill_keeps_early_exit_generation_close(bundles, stories_bu
     """A forced exit after 3 of 5 blocks fills the skipped layers' caches with the converted kv_fill graphs."""
     from adainfer.runtime.exit_policy import ExitPolicy
 
+    tolerance, same_tokens = KV_FILL[precision]
     fp32, model = rt.load(stories_bundle), rt.load(bundles[precision])
     ids = model.encode("Once upon a time, there was a")
     hidden = np.random.default_rng(0).normal(size=(1, 4, model.manifest.hidden_size)).astype(np.float32)
@@ -122,10 +129,13 @@ def test_quantized_kv_fill_keeps_early_exit_generation_close(bundles, stories_bu
     for layer in (1, 4):
         want = fp32.kv_fill(layer, hidden, positions)
         got = model.kv_fill(layer, hidden, positions)
-        assert all(np.max(np.abs(g - w)) < 0.1 * max(1.0, np.max(np.abs(w))) for g, w in zip(got, want))
+        for g, w in zip(got, want):
+            assert np.max(np.abs(g - w)) < tolerance * max(1.0, np.max(np.abs(w))), (layer, np.max(np.abs(g - w)))
     model.session_calls = {n: 0 for n in model.session_calls}
     out = model.generate(ids, max_new_tokens=12, mode="early-exit", policy=ExitPolicy.forced(3), stop_at_eos=False)
     assert out.new_tokens == 12 and model.session_calls["kv_fill_04"] > 0 and model.session_calls["block_04"] <= 1
+    reference = fp32.generate(ids, max_new_tokens=12, mode="early-exit", policy=ExitPolicy.forced(3), stop_at_eos=False)
+    assert out.tokens[:same_tokens] == reference.tokens[:same_tokens]
 
 
 def test_manifest_records_precision_per_graph(bundles):
@@ -272,7 +282,13 @@ def test_reuse_policy_transfers_the_fp32_classifier(calibrated_pair, bundles, tm
         got = as_written.score(as_written.features(layer, hidden[layer], hidden[layer - 1]))
         want = as_classifier.score(as_classifier.features(layer, hidden[layer], hidden[layer - 1]))
         assert np.max(np.abs(got - want)) < 1e-4
-    assert model.generate("Once upon a time", max_new_tokens=8, mode="early-exit").new_tokens > 0
+    # generation with the written (folded) decider equals generation with the copied classifier, token
+    # for token and exit for exit
+    written = model.generate("Once upon a time", max_new_tokens=8, mode="early-exit", stop_at_eos=False)
+    copied = model.generate("Once upon a time", max_new_tokens=8, mode="early-exit", stop_at_eos=False,
+                            policy=as_classifier.policy)
+    assert written.new_tokens == 8 and written.mode == "early-exit"
+    assert (written.tokens, written.layers_per_token) == (copied.tokens, copied.layers_per_token)
 
 
 def test_reuse_policy_cli_and_refusals(calibrated_pair, bundles, tmp_path):

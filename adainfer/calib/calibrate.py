@@ -29,6 +29,8 @@ from . import classifiers as clfs
 from .data import load_dataset
 from .features import FeatureTable, collect
 from .head_graphs import fold_linear, lowrank_head
+from .evidence import check_evidence
+from .options import check_calib_options
 from .simulate import Outcome, pick, sweep
 
 KINDS = ("svm-linear", "svm-rbf", "logreg")
@@ -109,15 +111,19 @@ def calibrate(bundle_dir: Path, data: Path, *, task: str = "text", label: str = 
         raise InputError(f"--label must be final or gold, got {label!r}")
     if not 0.0 < target <= 1.0:
         raise InputError(f"--target-agreement must be in (0, 1], got {target}")
+    check_calib_options(target, holdout, rank, shots=shots, limit=limit, skip=skip,
+                        max_positions_per_doc=max_positions_per_doc, seed=seed)
     bundle_dir = Path(bundle_dir)
     model = load(bundle_dir)
     manifest = model.manifest
+    check_calib_options(target, holdout, rank, manifest.hidden_size)
     if model.tokenizer is None:
         raise InputError(f"bundle {bundle_dir} has no tokenizer; calibration reads text")
     dataset = load_dataset(data, task, model.tokenizer.encode, shots=shots, seed=seed, limit=limit, skip=skip,
                            max_tokens=manifest.max_positions)
     table = collect(model, dataset, progress=progress, max_positions_per_doc=max_positions_per_doc)
     train, held = split_by_document(table, holdout, seed)
+    check_evidence(len(held.gap), target)
     L = manifest.num_layers
     rank = rank or max(4, manifest.hidden_size // 4)
 

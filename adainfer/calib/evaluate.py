@@ -19,6 +19,7 @@ from ..runtime.early_exit import ExitDecider, load_policy, predict
 from ..runtime.exit_policy import ExitPolicy
 from .data import load_dataset
 from .features import FeatureTable, collect
+from .options import check_eval_options
 from .simulate import exit_layers, outcome, CostModel
 
 
@@ -45,6 +46,8 @@ def _prompts(dataset, table: FeatureTable, count: int, seed: int) -> list[tuple[
 def evaluate(bundle_dir: Path, data: Path, *, task: str = "text", shots: int = 0, seed: int = 0,
              limit: Optional[int] = None, skip: int = 0, timing_samples: int = 50, policy: Optional[ExitPolicy] = None,
              max_positions_per_doc: Optional[int] = None, progress: bool = False) -> dict:
+    check_eval_options(timing_samples, shots=shots, limit=limit, skip=skip, max_positions_per_doc=max_positions_per_doc,
+                       seed=seed)
     model = load(bundle_dir)
     policy = policy or load_policy(model)
     if policy is None:

@@ -13,6 +13,7 @@ import numpy as np
 from ..accounting import decision_macs
 from ..manifest import Manifest
 from ..runtime.exit_policy import ExitPolicy
+from .evidence import meets_target
 from .features import FeatureTable
 
 
@@ -105,6 +106,7 @@ def sweep(table: FeatureTable, manifest: Manifest, policy: ExitPolicy, scores: n
 
 
 def pick(outcomes: list[Outcome], target_agreement: float) -> Outcome:
-    """The threshold that saves the most compute while agreeing with the full model at least `target`."""
-    ok = [o for o in outcomes if o.agreement >= target_agreement]
+    """The threshold that saves the most compute while its held-out agreement shows `target` (the
+    evidence rule, `evidence.py`: a 95% lower confidence bound, not the point estimate)."""
+    ok = [o for o in outcomes if meets_target(o.agreement, sum(o.exit_histogram), target_agreement)]
     return max(ok, key=lambda o: (o.flops_saved, o.threshold)) if ok else outcomes[-1]

@@ -21,7 +21,11 @@ def register(sub) -> None:
 
 def main(args) -> int:
     from ..calib.evaluate import evaluate
+    from ..calib.options import check_eval_options
     from ..paths import DEFAULT_CALIB_DATA
+
+    check_eval_options(args.timing_samples, args.new_tokens, shots=args.shots, limit=args.limit, skip=args.skip,
+                       max_positions_per_doc=args.max_positions_per_doc, seed=args.seed)
 
     if args.task == "generation":
         from ..calib.generation_eval import evaluate_generation

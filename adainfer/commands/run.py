@@ -42,7 +42,7 @@ def register(sub) -> None:
 def main(args) -> int:
     from ..errors import InputError
     from ..runtime import load
-    from ..runtime.limits import check_options
+    from ..runtime.limits import check_decoding, check_options, check_threads
 
     if args.chat is not None:
         if len(args.args) > 1:
@@ -55,6 +55,8 @@ def main(args) -> int:
     else:
         bundle, prompt = (Path(args.args[0]), args.args[1]) if len(args.args) == 2 else (DEFAULT_BUNDLE, args.args[0])
     check_options(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any work
+    check_decoding(args.mode, args.max_draft)
+    check_threads(args.threads)
     if args.backend == "onnxruntime":  # one thread pool for all the bundle's sessions (runtime/sessions.py)
         from ..runtime.sessions import use_global_thread_pool
 

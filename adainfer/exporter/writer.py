@@ -30,6 +30,7 @@ from .graph_files import save_graph
 from .graphs import GraphDef, graph_defs
 from .loading import check_loading_info
 from .shared_weights import share_weights
+from .tokenizer_check import check_tokenizer_fits
 from .verify import verify_against_transformers, verify_graph
 
 OPSET = 17
@@ -156,6 +157,8 @@ def export_model(
     staging.check_target(out_dir, force)
     model = model.eval().float()
     adapter = adapter_for(model)
+    check_tokenizer_fits(tokenizer_file or (Path(model_dir) / "tokenizer.json" if model_dir else None),
+                         adapter.geometry().vocab_size)
     with staging.staged_directory(out_dir, force=force) as tmp:
         with torch.no_grad():
             graphs = _export_graphs(adapter, tmp, verify, progress, external_data_threshold)

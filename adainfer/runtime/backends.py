@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from ..errors import InputError
+from ..manifest import check_bundle_path
 from .sessions import DEFAULT_PROVIDERS
 
 BACKENDS = ("onnxruntime", "tensorrt", "ort-cuda", "ort-trt")
@@ -20,6 +21,7 @@ BACKENDS = ("onnxruntime", "tensorrt", "ort-cuda", "ort-trt")
 def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
          check_digests: bool = True, backend: str = "onnxruntime", **options):
     """Load a bundle for inference; `backend` picks the runtime (see the module docstring)."""
+    check_bundle_path(bundle_dir)
     if backend == "onnxruntime":
         from .model import load as load_cpu
 

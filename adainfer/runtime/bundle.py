@@ -9,6 +9,7 @@ from typing import Any, Iterable
 
 from ..errors import BundleError
 from ..manifest import Manifest, TensorSpec, sha256_of
+from .onnx_refs import check_external_data
 
 #: ONNX Runtime's type strings -> the manifest's dtype names
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
@@ -107,4 +108,5 @@ def open_bundle(root: Path, check_digests: bool = True) -> Bundle:
                 raise BundleError(f"bundle {root}: sha256 of {spec.file} does not match the manifest (corrupt or modified)")
         except OSError as exc:
             raise BundleError(f"bundle {root}: cannot read {spec.file} ({exc.strerror or exc})") from None
+    check_external_data(root, manifest)  # the files the graphs make ONNX Runtime open are listed ones
     return Bundle(root=root, manifest=manifest)

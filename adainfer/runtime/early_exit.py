@@ -17,6 +17,7 @@ import numpy as np
 from ..accounting import TokenCost, token_cost
 from ..errors import BundleError
 from .exit_policy import HEAD_FEATURES, POLICY_FILE, ExitPolicy, feature_matrix, hidden_features
+from .policy_check import check_decider_sessions, check_policy_files
 from .sessions import make_session
 
 
@@ -49,6 +50,7 @@ class ExitDecider:
         self.head_inputs = [i.name for i in self.head_session.get_inputs()] if self.head_session else []
         self.head_outputs = [o.name for o in self.head_session.get_outputs()] if self.head_session else []
         self.classifier_input = self.classifier.get_inputs()[0].name if self.classifier else None
+        check_decider_sessions(self)
 
     def evaluates(self, layer: int) -> bool:
         return self.policy.evaluates(layer, self.num_layers)
@@ -146,6 +148,7 @@ def load_policy(model) -> Optional[ExitPolicy]:
     if spec is None:
         return None
     policy = ExitPolicy.load(model.bundle.root / spec.file)
+    check_policy_files(policy, model.manifest)
     recorded = policy.extras.get("manifest_digest")
     if recorded is None:
         raise BundleError(f"{spec.file} records no manifest digest (calibrated by an older adainfer); "

@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import BundleError
+from .policy_check import check_policy_data, check_policy_values
 
 FEATURES = ("gap", "top_prob", "layer_frac", "cos_prev", "norm_ratio")
 HEAD_FEATURES = ("gap", "top_prob")
@@ -74,13 +75,15 @@ class ExitPolicy:
     def load(cls, path: Path) -> "ExitPolicy":
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
+            check_policy_data(cls, data)
             policy = cls(**data)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, RecursionError, ValueError) as exc:
             raise BundleError(f"{path}: not a valid exit policy ({str(exc).splitlines()[0]})") from None
         policy.validate()
         return policy
 
     def validate(self) -> None:
+        check_policy_values(self)
         if self.decision not in ("classifier", "folded", "rule", "forced", "never"):
             raise BundleError(f"exit policy: unknown decision {self.decision!r}")
         unknown = [f for f in self.features if f not in FEATURES]

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..errors import BundleError, InputError
 from .bundle import Bundle, open_bundle
-from .limits import check_options, check_threads, fit_prompt, token_ids
+from .limits import (check_decoding, check_memory, check_options, check_text, check_threads, fit_prompt,
+                     prompt_batch, step_ids, token_ids)
 from .sessions import DEFAULT_PROVIDERS, make_session
 from .tokenizer import StreamDecoder, TextTokenizer
 
@@ -226,10 +227,11 @@ class Model:
 
     def start(self, prompts: Sequence[Sequence[int]]) -> tuple[DecodeState, np.ndarray]:
         """Prefill a batch of token-id prompts (left-padded); returns the state and last logits."""
-        prompts = [self.check_ids(p) for p in prompts]
+        prompts = [self.check_ids(p) for p in prompt_batch(prompts)]
         if not prompts:
             raise InputError("no prompts given")
         width = max(len(p) for p in prompts)
+        check_memory(len(prompts), self.manifest.num_heads, width, width)
         input_ids = np.zeros((len(prompts), width), dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
         for row, ids in enumerate(prompts):
@@ -240,10 +242,11 @@ class Model:
 
     def step(self, state: DecodeState, next_ids: Sequence[int]) -> np.ndarray:
         """One decode step: one new token per row; returns the last logits."""
-        ids = np.asarray(next_ids, dtype=np.int64).reshape(-1, 1)
-        if ids.shape[0] != state.attention_mask.shape[0]:
-            raise InputError(f"step got {ids.shape[0]} tokens for a batch of {state.attention_mask.shape[0]}")
-        self._check_range(ids.ravel().tolist())
+        checked = step_ids(next_ids)
+        if len(checked) != state.attention_mask.shape[0]:
+            raise InputError(f"step got {len(checked)} tokens for a batch of {state.attention_mask.shape[0]}")
+        self._check_range(checked)
+        ids = np.asarray(checked, dtype=np.int64).reshape(-1, 1)
         if state.complete_layers not in (None, self.num_layers):
             raise InputError("this state ended in an early exit; call finish_layers before decoding further")
         if state.length + 1 > self.manifest.max_positions:
@@ -276,6 +279,7 @@ class Model:
                 raise InputError("empty prompt")
             if self.tokenizer is None:
                 raise BundleError("this bundle has no tokenizer.json; pass token ids instead of text")
+            check_text(prompt)
             return self.check_ids(self.tokenizer.encode(prompt))
         return self.check_ids(prompt)
 
@@ -288,6 +292,7 @@ class Model:
                 raise InputError("empty prompt")
             if self.tokenizer is None:
                 raise BundleError("this bundle has no tokenizer.json; pass token ids instead of text")
+            check_text(prompt)
             prompt = self.tokenizer.encode(prompt)
         ids = fit_prompt(token_ids(prompt), self.manifest.max_positions, max_new_tokens, truncate, self.manifest.bos_token_id)
         return self.check_ids(ids)
@@ -298,6 +303,7 @@ class Model:
                stats: Optional[dict] = None, policy=None) -> Iterator[StreamEvent]:
         """Yield generated tokens one by one with their text increments (`truncate`: see `prepare_prompt`)."""
         check_options(max_new_tokens, temperature, top_p, seed)
+        check_decoding(mode, max_draft)
         ids = self.prepare_prompt(prompt, max_new_tokens, truncate)
         self.check_request(len(ids), max_new_tokens, temperature, top_p, seed)
         rng = np.random.default_rng(seed)

@@ -18,7 +18,8 @@ def distribution(logits: np.ndarray, temperature: float, top_p: float) -> np.nda
         probs = np.zeros(logits.shape[-1])
         probs[int(np.argmax(logits))] = 1.0
         return probs
-    probs = softmax(logits / temperature)
+    # shift before dividing: a tiny temperature (1e-38) must not turn float32 logits into inf - inf
+    probs = softmax((logits.astype(np.float64) - np.max(logits)) / temperature)
     if top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
         sorted_probs = probs[order]
