@@ -339,55 +339,62 @@ def _oracle(held: FeatureTable, manifest) -> dict:
             "flops_saved_full_head_each_layer": float(1 - paid.sum() / full.sum())}
 
 
+def write_decider(winner: Candidate, heads: dict, out_dir: Path, bundle_dir: Path, manifest,
+                  checked: FeatureTable) -> tuple[ExitPolicy, dict, dict]:
+    """The files a candidate decides with, written into `out_dir`; returns (policy, {attachment key: file},
+    the check that the ONNX graphs decide as scikit-learn on every row of `checked`)."""
+    out_dir = Path(out_dir)
+    policy = dataclasses.replace(winner.policy, extras={**winner.policy.extras, "manifest_digest": manifest.digest()})
+    fitted = winner.fitted
+    names = {}
+    if policy.label_head_file:
+        (out_dir / LABEL_HEAD_FILE).write_bytes(Path(heads["label"]).read_bytes())
+        names["label_head"] = LABEL_HEAD_FILE
+    if winner.probes is not None:
+        probe_mod.write_graph(winner.probes, policy.label_token_ids, out_dir / PROBES_FILE)
+        names["exit_probes"] = PROBES_FILE
+        return policy, names, {"probes_onnx": check_probe_decisions(None, policy, out_dir, checked, winner.probes)}
+    if fitted is None:  # a rule: the exit head's own outputs
+        return policy, names, {}
+    t = checked.with_head(winner.table_key)
+    x_check = feature_rows(t, fitted.features, t.num_layers)
+    fields = clfs.to_onnx(fitted, out_dir / "classifier.onnx", x_check)
+    names["classifier"] = "classifier.onnx"
+    policy = dataclasses.replace(policy, classifier_file="classifier.onnx",
+                                 **{k: v for k, v in fields.items() if k != "max_score_error"})
+    if policy.head == "lowrank":
+        (out_dir / "exit_head_lowrank.onnx").write_bytes(Path(heads["lowrank"]).read_bytes())
+        names["exit_head_lowrank"] = "exit_head_lowrank.onnx"
+        policy = dataclasses.replace(policy, head_file="exit_head_lowrank.onnx")
+    if fitted.is_linear:
+        w, b = fitted.linear_form()
+        head_idx = [i for i, f in enumerate(fitted.features) if f in HEAD_FEATURES]
+        extra_idx = [i for i, f in enumerate(fitted.features) if f not in HEAD_FEATURES]
+        if head_idx and [fitted.features[i] for i in head_idx] != ["gap", "top_prob"]:
+            raise InputError("folding needs both head features (gap, top_prob)")
+        source = None
+        if head_idx:
+            source = {"lowrank": heads.get("lowrank"), "label": heads.get("label")}.get(
+                policy.head, bundle_dir / manifest.graphs["exit_head"].file)
+        fold_linear(source, out_dir / "exit_head_folded.onnx", w[head_idx], w[extra_idx], b)
+        names["exit_head_folded"] = "exit_head_folded.onnx"
+        policy = dataclasses.replace(policy, decision="folded", head_file="exit_head_folded.onnx")
+    return policy, names, {"classifier_onnx": _check_decisions(None, policy, out_dir, t, fitted)}
+
+
 def _write(bundle_dir: Path, model, winner: Candidate, held: FeatureTable, heads: dict, report: dict,
            progress: bool) -> None:
     """The decision's graphs + exit_policy.json + report + plots, then the manifest: one atomic update."""
     from .plots import write_plots
 
     manifest = model.manifest
-    policy = dataclasses.replace(winner.policy, extras={**winner.policy.extras, "manifest_digest": manifest.digest()})
-    fitted = winner.fitted
     checked = held.hidden_table() if held.hidden is not None else held
     with staged_update(bundle_dir) as update:
-        names = {}
-        if policy.label_head_file:
-            update.path(LABEL_HEAD_FILE).write_bytes(heads["label"].read_bytes())
-            names["label_head"] = LABEL_HEAD_FILE
-        if winner.probes is not None:
-            probe_mod.write_graph(winner.probes, policy.label_token_ids, update.path(PROBES_FILE))
-            names["exit_probes"] = PROBES_FILE
-        else:
-            t = checked.with_head(winner.table_key)
-            x_check = feature_rows(t, fitted.features, t.num_layers)
-            fields = clfs.to_onnx(fitted, update.path("classifier.onnx"), x_check)
-            names["classifier"] = "classifier.onnx"
-            policy = dataclasses.replace(policy, classifier_file="classifier.onnx",
-                                         **{k: v for k, v in fields.items() if k != "max_score_error"})
-            if policy.head == "lowrank":
-                update.path("exit_head_lowrank.onnx").write_bytes(heads["lowrank"].read_bytes())
-                names["exit_head_lowrank"] = "exit_head_lowrank.onnx"
-                policy = dataclasses.replace(policy, head_file="exit_head_lowrank.onnx")
-            if fitted.is_linear:
-                w, b = fitted.linear_form()
-                head_idx = [i for i, f in enumerate(fitted.features) if f in HEAD_FEATURES]
-                extra_idx = [i for i, f in enumerate(fitted.features) if f not in HEAD_FEATURES]
-                if head_idx and [fitted.features[i] for i in head_idx] != ["gap", "top_prob"]:
-                    raise InputError("folding needs both head features (gap, top_prob)")
-                source = None
-                if head_idx:
-                    source = {"lowrank": heads.get("lowrank"), "label": heads.get("label")}.get(
-                        policy.head, bundle_dir / manifest.graphs["exit_head"].file)
-                fold_linear(source, update.path("exit_head_folded.onnx"), w[head_idx], w[extra_idx], b)
-                names["exit_head_folded"] = "exit_head_folded.onnx"
-                policy = dataclasses.replace(policy, decision="folded", head_file="exit_head_folded.onnx")
+        policy, names, checks = write_decider(winner, heads, update.dir, bundle_dir, manifest, checked)
         policy.save(update.path(POLICY_FILE))
         names["exit_policy"] = POLICY_FILE
         report["chosen"]["decision"] = policy.decision
-        if winner.probes is not None:
-            report["probes_onnx"] = check_probe_decisions(model, policy, update.dir, checked, winner.probes)
-        else:
-            report["classifier_onnx"] = _check_decisions(model, policy, update.dir, checked.with_head(winner.table_key),
-                                                         fitted, winner.table_key)
+        report.update(checks)
         update.path("calib_report.json").write_text(json.dumps(report, indent=2) + "\n")
         names["calib_report"] = "calib_report.json"
         for key, name in write_plots(report, update.dir).items():
@@ -398,11 +405,18 @@ def _write(bundle_dir: Path, model, winner: Candidate, held: FeatureTable, heads
         manifest.save(update.dir)
 
 
+class _NoModel:
+    """ExitDecider needs only the layer count for classifier / folded / probe graphs."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+
+
 def check_probe_decisions(model, policy: ExitPolicy, staged: Path, table: FeatureTable, probes) -> dict:
     """The runtime's probe graph must give scikit-learn's answers and threshold decisions on every row and layer."""
     from ..runtime.early_exit import ExitDecider
 
-    decider = ExitDecider(model, policy, root=staged)
+    decider = ExitDecider(model or _NoModel(table.num_layers), policy, root=staged)
     proba = probes.sklearn_proba(table.hidden)
     mismatches = 0
     for e, layer in enumerate(policy.layers):
@@ -427,7 +441,7 @@ def _check_decisions(model, policy: ExitPolicy, staged: Path, held: FeatureTable
     for decision in sorted({"classifier", policy.decision}):
         p = dataclasses.replace(policy, decision=decision, head_file=policy.head_file if decision == "folded" else
                                 ("exit_head_lowrank.onnx" if policy.head == "lowrank" else None))
-        decider = ExitDecider(model, p, root=staged)
+        decider = ExitDecider(model or _NoModel(held.num_layers), p, root=staged)
         columns = {f: x[:, i] for i, f in enumerate(fitted.features)}
         if decision == "folded":
             columns = _folded_columns(decider, held, fitted)
