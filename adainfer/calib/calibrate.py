@@ -241,7 +241,8 @@ def choose(variants: list[Candidate], goal: Goal, variant: str) -> Candidate:
 def calibrate(bundle_dir: Path, data: Path, *, task: str = "text", label: str = "final", target: float = 0.99,
               holdout: float = 0.3, seed: int = 0, shots: int = 0, limit: Optional[int] = None, skip: int = 0,
               max_positions_per_doc: Optional[int] = None, rank: Optional[int] = None, progress: bool = True,
-              kinds=KINDS, variant: str = "auto", max_accuracy_drop: float = 0.01, margin_z: float = 1.0) -> dict:
+              kinds=KINDS, variant: str = "auto", max_accuracy_drop: float = 0.01, margin_z: float = 1.0,
+              stratify: bool = False) -> dict:
     """Calibrate and write the exit into the bundle. `variant` forces a way of deciding
     (full-head, head-stride, hidden-only, lowrank, label-head, probes); "auto" keeps the cheapest
     that meets the goal."""
@@ -258,7 +259,7 @@ def calibrate(bundle_dir: Path, data: Path, *, task: str = "text", label: str = 
     if model.tokenizer is None:
         raise InputError(f"bundle {bundle_dir} has no tokenizer; calibration reads text")
     dataset = load_dataset(data, task, model.tokenizer.encode, shots=shots, seed=seed, limit=limit, skip=skip,
-                           max_tokens=manifest.max_positions)
+                           max_tokens=manifest.max_positions, stratify=stratify)
     L = manifest.num_layers
     rank = rank or max(4, manifest.hidden_size // 4)
 

@@ -105,7 +105,7 @@ def calibration_facts(model) -> dict:
 
 def evaluate(bundle_dir: Path, data: Path, *, task: str = "text", shots: int = 0, seed: int = 0,
              limit: Optional[int] = None, skip: int = 0, timing_samples: int = 50, policy: Optional[ExitPolicy] = None,
-             max_positions_per_doc: Optional[int] = None, progress: bool = False) -> dict:
+             max_positions_per_doc: Optional[int] = None, progress: bool = False, stratify: bool = False) -> dict:
     model = load(bundle_dir)
     policy = policy or load_policy(model)
     if policy is None:
@@ -113,7 +113,7 @@ def evaluate(bundle_dir: Path, data: Path, *, task: str = "text", shots: int = 0
     if model.tokenizer is None:
         raise InputError(f"bundle {bundle_dir} has no tokenizer; evaluation reads text")
     dataset = load_dataset(data, task, model.tokenizer.encode, shots=shots, seed=seed, limit=limit, skip=skip,
-                           max_tokens=model.manifest.max_positions)
+                           max_tokens=model.manifest.max_positions, stratify=stratify)
     if policy.label_token_ids and list(policy.label_token_ids) != list(dataset.label_token_ids):
         raise InputError(f"the exit policy was calibrated for other label words ({policy.label_token_ids}); "
                          f"task {task} uses {dataset.label_token_ids}")

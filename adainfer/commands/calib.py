@@ -18,6 +18,8 @@ def add_data_options(p, generation: bool = False) -> None:
     p.add_argument("--limit", type=int, default=None, help="use at most this many documents / rows")
     p.add_argument("--skip", type=int, default=0, help="skip this many documents / rows (e.g. those calibrated on)")
     p.add_argument("--max-positions-per-doc", type=int, default=None)
+    p.add_argument("--stratify", action="store_true",
+                   help="classification: labels take turns in the shuffled order (balanced --limit / --skip slices)")
 
 
 def register(sub) -> None:
@@ -60,7 +62,7 @@ def main(args) -> int:
     report = calibrate(args.bundle, args.data or DEFAULT_CALIB_DATA, task=args.task, label=args.label,
                        target=args.target_agreement, holdout=args.holdout, seed=args.seed, shots=args.shots,
                        limit=args.limit, skip=args.skip, max_positions_per_doc=args.max_positions_per_doc, rank=args.rank,
-                       variant=args.variant, max_accuracy_drop=args.max_accuracy_drop, margin_z=args.margin_z)
+                       variant=args.variant, stratify=args.stratify, max_accuracy_drop=args.max_accuracy_drop, margin_z=args.margin_z)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "curves"}, indent=2))
     else:
