@@ -21,7 +21,9 @@ from adainfer.runtime.early_exit import ExitDecider, load_policy, predict
 from adainfer.runtime.exit_policy import ExitPolicy
 from conftest import ROOT, run_cli
 
-SHARED = ROOT.parent / "shared" / "data"
+# the shared data beside the checkout (a worktree under wt/ finds it one level up)
+SHARED = next((d for d in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data") if d.is_dir()),
+              ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="module")

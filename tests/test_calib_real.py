@@ -16,7 +16,8 @@ from adainfer.runtime.early_exit import ExitDecider, load_policy, predict, trace
 from adainfer.runtime.sessions import make_session
 from conftest import ROOT
 
-SST2 = ROOT.parent / "shared" / "data" / "sst2_dev.tsv"
+SST2 = next((d / "sst2_dev.tsv" for d in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data")
+             if (d / "sst2_dev.tsv").exists()), ROOT.parent / "shared" / "data" / "sst2_dev.tsv")
 LABEL_IDS = [2731, 3524]  # " positive", " negative" in SmolLM2's tokenizer
 
 

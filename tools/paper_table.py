@@ -46,7 +46,10 @@ from adainfer.runtime import load  # noqa: E402
 from adainfer.runtime.early_exit import ExitDecider  # noqa: E402
 from adainfer.runtime.exit_policy import ExitPolicy  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data"
+# the shared data beside the checkout (a worktree under wt/ finds it one level up)
+SHARED = next((d for d in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data") if d.is_dir()),
+              ROOT.parent / "shared" / "data")
+DEFAULT_SHOTS = {"sst2": 2, "agnews": 1}  # the prompts measured in FIELD-NOTES.md
 TASKS = {"sst2": ("SST-2", SHARED / "sst2_dev.tsv"), "agnews": ("AG News", SHARED / "ag_news_test.csv")}
 
 
@@ -60,7 +63,8 @@ def rows_for_task(model, bundle: Path, task: str, args, scratch: Path) -> dict:
     name, path = TASKS[task]
     manifest = model.manifest
     encode = model.tokenizer.encode
-    common = dict(shots=args.shots, seed=args.seed, max_tokens=manifest.max_positions, stratify=True)
+    shots = args.shots if args.shots is not None else DEFAULT_SHOTS[task]
+    common = dict(shots=shots, seed=args.seed, max_tokens=manifest.max_positions, stratify=True)
     calib_set = load_dataset(path, task, encode, limit=args.calib_rows, **common)
     eval_set = load_dataset(path, task, encode, skip=args.calib_rows, limit=args.eval_rows, **common)
     heads = cal.scratch_heads(bundle, manifest, calib_set, scratch, rank=0)
@@ -122,7 +126,7 @@ def rows_for_task(model, bundle: Path, task: str, args, scratch: Path) -> dict:
             "held_out": cand.chosen.to_dict(), "onnx_check": checks[cand.name],
             "calibration_curve": [(c.flops_saved, c.accuracy, c.agreement) for c in cand.curve],
         })
-    return {"task": task, "name": name, "shots": args.shots,
+    return {"task": task, "name": name, "shots": shots,
             "rows": {"calibration": len(calib_set.examples), "fit": int(len(train.gap)), "thresholds": int(len(held.gap)),
                      "evaluation": len(eval_set.examples), "timed": len(prompts)},
             "accuracy_full_held_out": float(np.mean(held.final == held.gold)), "goal_gold": gold.goal.__dict__,
@@ -153,7 +157,8 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for t in report["tasks"]:
         rows = t["rows"]
-        split = f"{rows['calibration']} ({rows['fit']} fit + {rows['thresholds']} thresholds) / {rows['evaluation']}"
+        split = (f"{rows['calibration']} ({rows['fit']} fit + {rows['thresholds']} thresholds) / {rows['evaluation']} "
+                 f"(timed {rows['timed']})")
         for r in t["results"]:
             mark = " **(chosen)**" if r.get("chosen") else ""
             lines.append(f"| {t['name']} | {r['decider']}{mark} | {r['answers_with']} | {r['accuracy']:.3f} | "
@@ -215,7 +220,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-rows", type=int, default=400)
     p.add_argument("--eval-rows", type=int, default=200)
     p.add_argument("--timing-rows", type=int, default=40)
-    p.add_argument("--shots", type=int, default=2)
+    p.add_argument("--shots", type=int, default=None, help="demonstrations per prompt (default: SST-2 2, AG News 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout", type=float, default=0.3)
     p.add_argument("--max-accuracy-drop", type=float, default=0.01)

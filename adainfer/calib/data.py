@@ -35,7 +35,7 @@ class Task:
 
 TASKS = {
     "sst2": Task("sst2", "Review: {text}\nSentiment:", {"0": " negative", "1": " positive"}),
-    "agnews": Task("agnews", "Article: {text}\nTopic:", {"1": " world", "2": " sports", "3": " business", "4": " tech"}),
+    "agnews": Task("agnews", "Article: {text}\nTopic:", {"1": " World", "2": " Sports", "3": " Business", "4": " Technology"}),
 }
 
 

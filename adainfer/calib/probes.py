@@ -147,6 +147,9 @@ def wilson_lower(successes: np.ndarray, n: np.ndarray, z: float) -> np.ndarray:
     return np.where(n > 0, (centre - spread) / denom, 0.0)
 
 
+#: thresholds fall between confidences at least this far apart (float32 graph vs float64 scikit-learn)
+SEPARATION = 1e-4
+
 #: a threshold above any probability: the layer never fires
 NEVER = 2.0
 
@@ -158,7 +161,7 @@ def layer_thresholds(conf: np.ndarray, right: np.ndarray, precision: float, z: f
     hits, n = np.cumsum(r), np.arange(1, len(r) + 1)
     ok = (wilson_lower(hits, n, z) >= precision) & (n >= min_rows)
     # only cut between distinct confidences, so that the threshold means the same set in float32
-    distinct = np.append(c[1:] < c[:-1] - 1e-6, True)
+    distinct = np.append(c[1:] < c[:-1] - SEPARATION, True)
     ok &= distinct
     if not ok.any():
         return NEVER
