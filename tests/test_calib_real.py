@@ -18,7 +18,7 @@ from conftest import ROOT
 
 SST2 = next((d / "sst2_dev.tsv" for d in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data")
              if (d / "sst2_dev.tsv").exists()), ROOT.parent / "shared" / "data" / "sst2_dev.tsv")
-LABEL_IDS = [2731, 3524]  # " positive", " negative" in SmolLM2's tokenizer
+LABEL_IDS = [3524, 2731]  # " negative", " positive" (SST-2 labels 0, 1) in SmolLM2's tokenizer
 
 
 def linked_copy(src, dst):

@@ -132,9 +132,11 @@ class SpeculativeDecoder:
 
     Adaptive: a round that gains nothing (its first draft rejected, or no draft at all because the
     exit never fired, which still paid every decision) makes the decoder take plain full-depth
-    steps for a while, twice as long after each such round in a row (up to `MAX_BACKOFF`); a round
-    whose drafts were all accepted halves that. Drafting that keeps failing thus costs a
-    vanishing share of the steps instead of making every step slower than full depth."""
+    steps for a while, four times as long after each such round in a row (4, 16, 64, up to
+    `MAX_BACKOFF`), and halves the next round's draft length (which starts at 1); a round whose drafts were all
+    accepted divides the pause by four and doubles the draft length (up to `max_draft`). Drafting
+    that keeps failing thus costs a vanishing share of the steps instead of making every step
+    slower than full depth."""
 
     MAX_BACKOFF = 64
 
@@ -145,6 +147,7 @@ class SpeculativeDecoder:
         self.drafted = self.accepted = self.rejected_rounds = self.rounds = 0
         self.adaptive = adaptive
         self.backoff = 0  # length of the next pause in drafting, in tokens
+        self.draft_length = 1 if adaptive else max_draft  # slow start: drafts lengthen as they are accepted
         self.paused = 0  # full-depth steps left before drafting again
         self.plain_steps = 0
 
@@ -160,7 +163,7 @@ class SpeculativeDecoder:
         state = fork(self.state)
         tokens, dists, macs, decisions, layers = [], [], 0.0, 0.0, 0
         exact = None
-        for _ in range(self.max_draft):
+        for _ in range(self.draft_length):
             logits, exit_layer, cost = self.drafter.step(state, token)
             macs += cost.total
             decisions += cost.decisions
@@ -250,10 +253,12 @@ class SpeculativeDecoder:
         if not self.adaptive:
             return
         if gained:
-            self.backoff //= 2
+            self.backoff //= 4
+            self.draft_length = min(self.max_draft, 2 * self.draft_length)
         else:
-            self.backoff = min(self.MAX_BACKOFF, max(1, 2 * self.backoff))
+            self.backoff = min(self.MAX_BACKOFF, max(4, 4 * self.backoff))
             self.paused = self.backoff
+            self.draft_length = max(1, self.draft_length // 2)
 
 
 def make_decoder(model, mode: str, sampler: Sampler, decider=None, max_draft: int = 4):
