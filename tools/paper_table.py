@@ -193,10 +193,9 @@ def plots(report: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in deciders:
             curve = sorted((s, a) for s, a, _ in r["calibration_curve"] if a is not None)
-            if len(curve) > 1:
-                ax.plot([100 * s for s, _ in curve], [a for _, a in curve], linewidth=1, marker=".", markersize=2,
-                        label=r["decider"][:45])
-            ax.scatter([100 * r["flops_saved"]], [r["accuracy"]], marker="*", s=80, zorder=5)
+            (line,) = ax.plot([100 * s for s, _ in curve], [a for _, a in curve], linewidth=1, marker=".", markersize=2,
+                              label=r["decider"][:45])
+            ax.scatter([100 * r["flops_saved"]], [r["accuracy"]], marker="*", s=90, zorder=5, color=line.get_color())
         full = t["results"][0]["accuracy"]
         ax.axhline(full, color="grey", linestyle="--", linewidth=1, label="full depth (evaluation rows)")
         ax.set_xlabel("compute saved, % (decisions included)")
@@ -210,6 +209,12 @@ def plots(report: dict, out: Path) -> list[str]:
         plt.close(fig)
         written.append(path.name)
     return written
+
+
+def replot(path: Path) -> list[str]:
+    """Redraw the PNGs of a finished run from its JSON."""
+    path = Path(path)
+    return plots(json.loads(path.read_text()), path.with_suffix(""))
 
 
 def main(argv=None) -> int:
