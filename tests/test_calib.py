@@ -21,7 +21,9 @@ from adainfer.runtime.early_exit import ExitDecider, load_policy, predict
 from adainfer.runtime.exit_policy import ExitPolicy
 from conftest import ROOT, run_cli
 
-SHARED = ROOT.parent / "shared" / "data"
+# the shared data beside the checkout (a worktree under wt/ finds it one level up)
+SHARED = next((d for d in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data") if d.is_dir()),
+              ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +296,32 @@ def test_failed_calibration_leaves_the_bundle_unchanged(stories_bundle, tmp_path
     assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging directory left beside it
     assert load_policy(rt.load(bundle)) is None
+
+
+def test_folded_probe_graph_equals_sklearn(tmp_path):
+    """The stacked probe graph (Gather + MatMul + Add + Softmax) decides as scikit-learn's models, every row."""
+    from adainfer.calib import probes as probe_mod
+    from adainfer.calib.features import FeatureTable
+    from adainfer.runtime.sessions import make_session
+
+    rng = np.random.default_rng(0)
+    n, L, h = 300, 4, 16
+    hidden = rng.normal(size=(n, L, h)).astype(np.float32)
+    for labels in (2, 3):
+        gold = (hidden[:, 2, :labels].argmax(-1) + (rng.random(n) < 0.2)) % labels
+        zeros = np.zeros((n, L), np.float32)
+        table = FeatureTable(gap=zeros, top_prob=zeros, cos_prev=zeros, norm_ratio=zeros,
+                             pred=np.tile(gold[:, None], (1, L)), gold=gold, doc_id=np.arange(n),
+                             context=np.ones(n, np.int64), hidden=hidden, task="sst2",
+                             label_token_ids=tuple(range(100, 100 + labels)))
+        probes = probe_mod.fit_probes(table.subset(np.arange(200)), "gold", [1, 2, 3])
+        probe_mod.write_graph(probes, table.label_token_ids, tmp_path / "p.onnx")
+        session = make_session(tmp_path / "p.onnx")
+        want = probes.sklearn_proba(hidden[200:])
+        for e in range(3):
+            token, conf = session.run(["top1_id", "confidence"], {"hidden_states": hidden[200:, e],
+                                                                  "probe_index": np.array([e], np.int64)})
+            assert np.array_equal(token, 100 + want[:, e].argmax(-1))
+            assert np.max(np.abs(conf - want[:, e].max(-1))) < 1e-5
+            for tau in (0.6, 0.8, 0.95):
+                assert np.array_equal(conf >= tau, want[:, e].max(-1) >= tau)

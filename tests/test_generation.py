@@ -26,16 +26,31 @@ def _sampler():
     return Sampler(0.0, 1.0, np.random.default_rng(0))
 
 
+def _first_tokens(decoder, ids, count):
+    out = []
+    for emission in decoder.run(ids):
+        out.append(emission.token)
+        if len(out) == count:
+            return out
+
+
 def test_speculative_greedy_equals_full_on_stories260k(stories_bundle):
     model = rt.load(stories_bundle)
-    rejected = accepted = 0
+    rejected = accepted = paused = 0
     for prompt in PROMPTS:
         full = model.generate(prompt, max_new_tokens=24)
-        spec = model.generate(prompt, max_new_tokens=24, mode="speculative", policy=EAGER)
+        spec = model.generate(prompt, max_new_tokens=24, mode="speculative", policy=EAGER)  # adaptive
         assert spec.tokens == full.tokens, prompt
-        rejected += spec.rejected_rounds
-        accepted += spec.acceptance_rate > 0
+        eager = SpeculativeDecoder(model, _sampler(), ExitDecider(model, EAGER), adaptive=False)
+        assert _first_tokens(eager, model.encode(prompt), 24) == full.tokens, prompt
+        rejected += eager.rejected_rounds
+        accepted += eager.acceptance_rate > 0
+        adaptive = SpeculativeDecoder(model, _sampler(), ExitDecider(model, EAGER))
+        _first_tokens(adaptive, model.encode(prompt), 24)
+        paused += adaptive.plain_steps
+        assert adaptive.rounds <= eager.rounds
     assert rejected >= 1 and accepted >= 1  # both the rollback path and accepted drafts ran
+    assert paused >= len(PROMPTS)  # drafts that keep failing pause drafting
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -56,7 +71,7 @@ def test_speculative_greedy_equals_full_on_random_models(family, tmp_path):
 def test_rollback_leaves_the_full_depth_cache(stories_bundle):
     model = rt.load(stories_bundle)
     ids = model.encode("Once upon a time")
-    decoder = SpeculativeDecoder(model, _sampler(), ExitDecider(model, EAGER), max_draft=4)
+    decoder = SpeculativeDecoder(model, _sampler(), ExitDecider(model, EAGER), max_draft=4, adaptive=False)
     emitted = []
     for emission in decoder.run(ids):
         emitted.append(emission.token)

@@ -35,7 +35,7 @@ class Task:
 
 TASKS = {
     "sst2": Task("sst2", "Review: {text}\nSentiment:", {"0": " negative", "1": " positive"}),
-    "agnews": Task("agnews", "Article: {text}\nTopic:", {"1": " world", "2": " sports", "3": " business", "4": " tech"}),
+    "agnews": Task("agnews", "Article: {text}\nTopic:", {"1": " World", "2": " Sports", "3": " Business", "4": " Technology"}),
 }
 
 
@@ -134,12 +134,28 @@ def read_rows(path: Path, task: str) -> list[tuple[str, str, int]]:
     return rows
 
 
+def stratified(order: list[int], labels: list[str]) -> list[int]:
+    """The same rows, reordered so that labels take turns (each label's rows keep their order):
+    any prefix or slice of the result is (nearly) balanced."""
+    queues: dict[str, list[int]] = {}
+    for i in order:
+        queues.setdefault(labels[i], []).append(i)
+    out, depth = [], 0
+    while len(out) < len(order):
+        for label in sorted(queues):
+            if depth < len(queues[label]):
+                out.append(queues[label][depth])
+        depth += 1
+    return out
+
+
 def load_dataset(path: Path, task: str, encode: Callable[[str], list[int]], *, shots: int = 0, seed: int = 0,
-                 limit: Optional[int] = None, skip: int = 0, max_tokens: int = 512) -> Dataset:
+                 limit: Optional[int] = None, skip: int = 0, max_tokens: int = 512, stratify: bool = False) -> Dataset:
     """Tokenize a data file for `task` ("text", "sst2" or "agnews").
 
     Documents (or, for classification, rows in the seed's shuffled order) `skip` .. `skip + limit`
-    are used: calibrating on `limit=n` and evaluating on `skip=n` with the same seed never overlap."""
+    are used: calibrating on `limit=n` and evaluating on `skip=n` with the same seed never overlap.
+    `stratify` (classification) lets the labels take turns in that order, so every slice is balanced."""
     if task == "text":
         docs = read_documents(path)[skip:]
         if limit is not None:
@@ -174,7 +190,10 @@ def load_dataset(path: Path, task: str, encode: Callable[[str], list[int]], *, s
     order = list(range(len(rows)))
     rng.shuffle(order)
     demo_pool = order[:shots * 4] if shots else []
-    eval_rows = [i for i in order if i not in set(demo_pool)][skip:]
+    eval_rows = [i for i in order if i not in set(demo_pool)]
+    if stratify:
+        eval_rows = stratified(eval_rows, [r[1] for r in rows])
+    eval_rows = eval_rows[skip:]
     if limit is not None:
         eval_rows = eval_rows[:limit]
     examples = []

@@ -97,3 +97,56 @@ def fold_linear(head: Path | None, out: Path, head_weights: np.ndarray, extra_we
     graph.output.append(helper.make_tensor_value_info("score", TensorProto.FLOAT, ["rows"]))
     onnx.checker.check_model(model)
     onnx.save_model(model, str(out))
+
+
+def label_head(final_head: Path, out: Path, vocab_size: int, label_token_ids: list[int], opset: int = 17) -> None:
+    """The final head cut down to the label words: final norm + |labels| columns of the LM head.
+
+    hidden_states (rows, hidden) -> label_logits (rows, k) = the full head's logits at the label
+    token ids; top1_id (the winning label's token id), top1_prob and gap of the softmax over the
+    label words only. |labels| x hidden multiply-accumulates instead of vocab x hidden."""
+    model = onnx.load(str(final_head))
+    graph = model.graph
+    node, init = _lm_head_matmul(model, vocab_size)
+    ids = np.asarray(label_token_ids, dtype=np.int64)
+    if ids.size < 2 or ids.min() < 0 or ids.max() >= vocab_size:
+        raise AdainferError(f"label head: label token ids {ids.tolist()} must be >= 2 ids within the vocabulary")
+    weight = numpy_helper.to_array(init)
+    users = [n for n in graph.node if init.name in n.input]
+    if users != [node]:
+        raise AdainferError("label head: the LM head weight is shared with other nodes (cannot cut it down)")
+    graph.initializer.remove(init)
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight[..., ids]), init.name))
+    inits = {i.name: i for i in graph.initializer}
+    for n in graph.node:  # a vocabulary-sized bias (GPT-2 / OPT heads have none, but be exact if present)
+        for name in n.input:
+            if name in inits and name != init.name and list(inits[name].dims) == [vocab_size]:
+                bias = numpy_helper.to_array(inits[name])
+                graph.initializer.remove(inits[name])
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(bias[ids]), name))
+    (logits_out,) = [o for o in graph.output if o.name == "logits"]
+    graph.output.remove(logits_out)
+    k = int(ids.size)
+    graph.initializer.extend([numpy_helper.from_array(ids, "label_token_ids"),
+                              numpy_helper.from_array(np.array([2], np.int64), "label_top_k"),
+                              numpy_helper.from_array(np.array(0, np.int64), "label_first"),
+                              numpy_helper.from_array(np.array(1, np.int64), "label_second")])
+    graph.node.extend([
+        helper.make_node("Identity", ["logits"], ["label_logits"]),
+        helper.make_node("Softmax", ["logits"], ["label_probs"], axis=-1),
+        helper.make_node("TopK", ["label_probs", "label_top_k"], ["label_top_p", "label_top_i"], axis=-1),
+        helper.make_node("Gather", ["label_top_i", "label_first"], ["label_top1_index"], axis=1),
+        helper.make_node("Gather", ["label_token_ids", "label_top1_index"], ["top1_id"], axis=0),
+        helper.make_node("Gather", ["label_top_p", "label_first"], ["top1_prob"], axis=1),
+        helper.make_node("Gather", ["label_top_p", "label_second"], ["label_p2"], axis=1),
+        helper.make_node("Sub", ["top1_prob", "label_p2"], ["gap"]),
+    ])
+    graph.output.extend([helper.make_tensor_value_info("label_logits", TensorProto.FLOAT, ["rows", k]),
+                         helper.make_tensor_value_info("top1_id", TensorProto.INT64, ["rows"]),
+                         helper.make_tensor_value_info("top1_prob", TensorProto.FLOAT, ["rows"]),
+                         helper.make_tensor_value_info("gap", TensorProto.FLOAT, ["rows"])])
+    for vi in list(graph.value_info):  # shapes recorded for the vocabulary-sized logits are stale now
+        graph.value_info.remove(vi)
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(out))
+

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..accounting import decision_macs
+from ..accounting import answer_head_macs, answered_by_decision, decision_macs
 from ..manifest import Manifest
 from ..runtime.exit_policy import ExitPolicy
 from .evidence import meets_target
@@ -31,9 +31,9 @@ class Outcome:
         return dict(self.__dict__)
 
 
-def exit_layers(scores: np.ndarray, threshold: float, evaluated: np.ndarray) -> np.ndarray:
-    """First evaluated layer (1-based) whose score reaches the threshold, else the last layer."""
-    fired = (scores >= threshold) & evaluated[None, :]
+def exit_layers(scores: np.ndarray, threshold, evaluated: np.ndarray) -> np.ndarray:
+    """First evaluated layer (1-based) whose score reaches the threshold (one, or one per layer), else the last layer."""
+    fired = (scores >= np.asarray(threshold, dtype=np.float64)) & evaluated[None, :]
     fired[:, -1] = True
     return fired.argmax(axis=1) + 1
 
@@ -50,29 +50,31 @@ class CostModel:
         self.evaluated = np.array([policy.evaluates(l, L) for l in range(1, L + 1)])
         self.evals_cum = np.concatenate([[0], np.cumsum(self.evaluated)])
         self.decision = decision_macs(manifest, policy)
-        self.full_head_decides = policy.head == "full" and self.decision >= manifest.macs.exit_head
-        self.final_head = manifest.macs.final_head
+        self.decision_answers = answered_by_decision(manifest, policy)
+        self.answer_head = answer_head_macs(manifest, policy)
         self.L = L
 
     def costs(self, exit_layer: np.ndarray, context: np.ndarray):
         blocks = self.const_cum[exit_layer] + self.ctx_cum[exit_layer] * context
         decisions = self.evals_cum[exit_layer] * self.decision
         early = (exit_layer < self.L) & self.evaluated[exit_layer - 1]
-        head = np.where(early & self.full_head_decides, 0.0, self.final_head)
-        full = self.const_cum[-1] + self.ctx_cum[-1] * context + self.final_head
+        head = np.where(early & self.decision_answers, 0.0, self.answer_head)
+        full = self.const_cum[-1] + self.ctx_cum[-1] * context + self.answer_head
         return blocks, decisions, head, full
 
 
-def outcome(table: FeatureTable, manifest: Manifest, policy: ExitPolicy, scores: np.ndarray, threshold: float,
-            cost: CostModel | None = None) -> Outcome:
+def outcome(table: FeatureTable, manifest: Manifest, policy: ExitPolicy, scores: np.ndarray, threshold,
+            cost: CostModel | None = None, answers: np.ndarray | None = None, label: float | None = None) -> Outcome:
+    """What the policy does on `table`; `answers` (N, L) replaces the layers' own answers (probes),
+    `threshold` may be one per layer, and `label` is what the Outcome records as its threshold."""
     cost = cost or CostModel(manifest, policy)
     exits = exit_layers(scores, threshold, cost.evaluated)
     rows = np.arange(len(exits))
-    pred = table.pred[rows, exits - 1]
+    pred = (table.pred if answers is None else answers)[rows, exits - 1]
     blocks, decisions, head, full = cost.costs(exits, table.context)
     accuracy = float(np.mean(pred == table.gold)) if table.task != "text" or (table.gold >= 0).all() else None
     return Outcome(
-        threshold=float(threshold),
+        threshold=float(threshold if label is None else label),
         agreement=float(np.mean(pred == table.final)),
         accuracy=accuracy,
         flops_saved=float(1.0 - (blocks + decisions + head).sum() / full.sum()),
@@ -105,8 +107,33 @@ def sweep(table: FeatureTable, manifest: Manifest, policy: ExitPolicy, scores: n
     return [outcome(table, manifest, policy, scores, t, cost) for t in candidate_thresholds(scores, cost.evaluated)]
 
 
-def pick(outcomes: list[Outcome], target_agreement: float) -> Outcome:
-    """The threshold that saves the most compute while its held-out agreement shows `target` (the
-    evidence rule, `evidence.py`: a 95% lower confidence bound, not the point estimate)."""
-    ok = [o for o in outcomes if meets_target(o.agreement, sum(o.exit_histogram), target_agreement)]
+@dataclass(frozen=True)
+class Goal:
+    """What a calibrated exit must keep on held-out rows: agreement with the full model >= value
+    (`--label final`), or accuracy >= value (`--label gold`: full depth's minus the allowed drop).
+    Agreement goals follow the evidence rule (`evidence.py`: the one-sided 95% Clopper-Pearson lower
+    bound must reach the target); accuracy goals use the lower end of the Wilson interval at z."""
+
+    metric: str  # "agreement" or "accuracy"
+    value: float
+    rows: int
+    z: float = 1.0
+
+    def met(self, o: Outcome) -> bool:
+        from .probes import wilson_lower
+
+        observed = getattr(o, self.metric)
+        if observed is None:
+            return False
+        rows = self.rows or int(sum(o.exit_histogram))
+        if self.metric == "agreement":  # the evidence rule (evidence.py): a 95% Clopper-Pearson lower bound
+            return meets_target(observed, rows, self.value)
+        return float(wilson_lower(observed * rows, rows, self.z)) >= self.value - 1e-12
+
+
+def pick(outcomes: list[Outcome], goal) -> Outcome:
+    """The threshold that saves the most compute while meeting the goal (a Goal, or a plain agreement target)."""
+    if not isinstance(goal, Goal):
+        goal = Goal("agreement", float(goal), 0)
+    ok = [o for o in outcomes if goal.met(o)]
     return max(ok, key=lambda o: (o.flops_saved, o.threshold)) if ok else outcomes[-1]

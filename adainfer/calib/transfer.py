@@ -9,7 +9,7 @@ destination's manifest digest (so `load_policy` accepts it there) and
 
     adainfer calib QUANT_BUNDLE --reuse-policy FP32_BUNDLE
 
-Files copied: `exit_policy.json`, `classifier.onnx` and the policy's head file (folded exit
+Files copied: `exit_policy.json`, `classifier.onnx`, the label head (classification) and the policy's head file (folded exit
 head or low-rank head). A folded head that extends the *full* exit head is rebuilt on the
 destination's own exit head when the two differ (`--quantize-heads`), with the same classifier
 weights; a low-rank head is copied as is (an approximation of the source's head). Calibration
@@ -31,7 +31,8 @@ from ..manifest import Manifest
 from ..runtime.exit_policy import POLICY_FILE, ExitPolicy
 
 #: attachment keys written by `adainfer calib` (plus every "plot_*"); other attachments are left alone
-CALIB_KEYS = ("classifier", "exit_policy", "calib_report", "exit_head_folded", "exit_head_lowrank")
+CALIB_KEYS = ("classifier", "exit_policy", "calib_report", "exit_head_folded", "exit_head_lowrank", "label_head",
+              "exit_probes")
 #: what must be equal for a policy to mean the same thing in both exports
 SAME = ("family", "model_type", "num_layers", "hidden_size", "vocab_size", "num_heads", "num_kv_heads", "head_dim")
 
@@ -86,8 +87,11 @@ def reuse_policy(src_bundle: Path, dst_bundle: Path) -> ExitPolicy:
                 update.remove(spec.file)
         if policy.classifier_file:
             update.path(policy.classifier_file).write_bytes((src_bundle / policy.classifier_file).read_bytes())
+        if policy.label_head_file:  # final norm + label columns of the source's LM head (same model)
+            update.path(policy.label_head_file).write_bytes((src_bundle / policy.label_head_file).read_bytes())
+            copied["label_head"] = policy.label_head_file
         if policy.head_file:
-            key = "exit_head_folded" if policy.decision == "folded" else "exit_head_lowrank"
+            key = {"folded": "exit_head_folded", "probe": "exit_probes"}.get(policy.decision, "exit_head_lowrank")
             copied[key] = policy.head_file
             dst_head = dst_bundle / dst.graphs["exit_head"].file
             if (policy.decision == "folded" and policy.head == "full"

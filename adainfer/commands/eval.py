@@ -37,7 +37,7 @@ def main(args) -> int:
         return 0
     result = evaluate(args.bundle, args.data or DEFAULT_CALIB_DATA, task=args.task, shots=args.shots, seed=args.seed,
                       limit=args.limit, skip=args.skip, timing_samples=args.timing_samples,
-                      max_positions_per_doc=args.max_positions_per_doc)
+                      max_positions_per_doc=args.max_positions_per_doc, stratify=args.stratify)
     if args.json:
         print(json.dumps(result))
     else:

@@ -128,13 +128,28 @@ class EarlyExitDecoder:
 
 
 class SpeculativeDecoder:
-    """Draft with early exit, verify at full depth, keep the agreeing prefix, roll back the rest."""
+    """Draft with early exit, verify at full depth, keep the agreeing prefix, roll back the rest.
 
-    def __init__(self, model, sampler: Sampler, decider, max_draft: int = 4):
+    Adaptive: a round that gains nothing (its first draft rejected, or no draft at all because the
+    exit never fired, which still paid every decision) makes the decoder take plain full-depth
+    steps for a while, four times as long after each such round in a row (4, 16, 64, up to
+    `MAX_BACKOFF`), and halves the next round's draft length (which starts at 1); a round whose drafts were all
+    accepted divides the pause by four and doubles the draft length (up to `max_draft`). Drafting
+    that keeps failing thus costs a vanishing share of the steps instead of making every step
+    slower than full depth."""
+
+    MAX_BACKOFF = 64
+
+    def __init__(self, model, sampler: Sampler, decider, max_draft: int = 4, adaptive: bool = True):
         self.model, self.sampler, self.decider, self.max_draft = model, sampler, decider, max_draft
         self.drafter = EarlyExitDecoder(model, sampler, decider)
         self.state = None
         self.drafted = self.accepted = self.rejected_rounds = self.rounds = 0
+        self.adaptive = adaptive
+        self.backoff = 0  # length of the next pause in drafting, in tokens
+        self.draft_length = 1 if adaptive else max_draft  # slow start: drafts lengthen as they are accepted
+        self.paused = 0  # full-depth steps left before drafting again
+        self.plain_steps = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -148,7 +163,7 @@ class SpeculativeDecoder:
         state = fork(self.state)
         tokens, dists, macs, decisions, layers = [], [], 0.0, 0.0, 0
         exact = None
-        for _ in range(self.max_draft):
+        for _ in range(self.draft_length):
             logits, exit_layer, cost = self.drafter.step(state, token)
             macs += cost.total
             decisions += cost.decisions
@@ -197,10 +212,19 @@ class SpeculativeDecoder:
         yield Emission(token, model.num_layers, token_cost(model.manifest, ExitPolicy.never(), model.num_layers,
                                                            self.state.length).total, 0)
         while True:
+            if self.paused > 0:  # drafting has not been paying: plain full-depth steps
+                self.paused -= 1
+                self.plain_steps += 1
+                logits = model.step(self.state, [token])
+                token = self.sampler.choose(logits[0])
+                yield Emission(token, model.num_layers, token_cost(model.manifest, ExitPolicy.never(), model.num_layers,
+                                                                   self.state.length).total, 0)
+                continue
             drafts, dists, macs, decisions, layers, exact = self.draft(token)
             if exact is not None:  # a plain full-depth step: adopt it
                 self.state, logits = exact
                 token = self.sampler.choose(logits[0])
+                self._adapt(gained=False)
                 yield Emission(token, layers, macs, decisions)
                 continue
             logits = self.verify(token, drafts)
@@ -211,6 +235,8 @@ class SpeculativeDecoder:
             self.accepted += accepted
             if accepted < len(drafts):
                 self.rejected_rounds += 1
+            if accepted == 0 or accepted == len(drafts):
+                self._adapt(gained=accepted > 0)
             truncate(self.state, verified_length - (len(drafts) - accepted))  # drop rejected drafts' entries
             context = verified_length
             verify_macs = sum(token_cost(model.manifest, ExitPolicy.never(), model.num_layers, context - j).total
@@ -221,6 +247,18 @@ class SpeculativeDecoder:
             for i, t in enumerate(out):
                 yield Emission(t, per_layers, share, decisions / len(out), drafted=i < accepted)
             token = next_token
+
+
+    def _adapt(self, gained: bool) -> None:
+        if not self.adaptive:
+            return
+        if gained:
+            self.backoff //= 4
+            self.draft_length = min(self.max_draft, 2 * self.draft_length)
+        else:
+            self.backoff = min(self.MAX_BACKOFF, max(4, 4 * self.backoff))
+            self.paused = self.backoff
+            self.draft_length = max(1, self.draft_length // 2)
 
 
 def make_decoder(model, mode: str, sampler: Sampler, decider=None, max_draft: int = 4):

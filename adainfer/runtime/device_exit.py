@@ -46,6 +46,10 @@ class DeviceDecider:
         self.policy, self.num_layers, self.backend = policy, num_layers, backend
         if policy.decision == "classifier":
             raise classifier_refusal(policy, backend)
+        if policy.decision == "probe" or policy.head == "label" or policy.label_token_ids:
+            raise DeviceDecisionError(f"exit policy {policy.name or 'of this bundle'!r} decides with label-word heads or "
+                                      f"internal classifiers, which the {backend} backend does not run yet; "
+                                      f"use --backend onnxruntime")
         if policy.decision == "folded":
             self.graph: Optional[str] = DECIDER
             self.outputs = ["score", "top1_id"] if policy.head != "none" else ["score"]

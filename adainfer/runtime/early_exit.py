@@ -38,12 +38,19 @@ class ExitDecider:
         root = Path(root) if root is not None else model.bundle.root
         self.head_session = None
         self.head_graph = None
-        if policy.decision == "folded" or policy.head == "lowrank":
+        # classification: the label head (final norm + the label words' LM-head rows) gives the answer
+        self.label_session = make_session(root / policy.label_head_file) if policy.label_head_file else None
+        self.probe_session = make_session(root / policy.head_file) if policy.decision == "probe" else None
+        if policy.decision == "probe":
+            pass
+        elif policy.decision == "folded" or policy.head == "lowrank":
             if not policy.head_file:
                 raise BundleError(f"exit policy {policy.name!r} needs head_file")
             self.head_session = make_session(root / policy.head_file)
         elif policy.head == "full" and any(f in HEAD_FEATURES for f in policy.features):
             self.head_graph = "exit_head"
+        elif policy.head == "label" and any(f in HEAD_FEATURES for f in policy.features):
+            self.head_session = self.label_session
         self.classifier = make_session(root / policy.classifier_file) if policy.decision == "classifier" else None
         self.extra = [f for f in policy.features if f not in HEAD_FEATURES]
         # the decider is shared by every generation of a model: look the sessions' names up once
@@ -72,6 +79,19 @@ class ExitDecider:
             values["top_prob"] = values.pop("top1_prob")
         return values
 
+    def answer(self, hidden_last: np.ndarray) -> np.ndarray:
+        """Classification: the label word with the highest logit (label head); token ids, one per row."""
+        (token,) = self.label_session.run(["top1_id"], {"hidden_states": np.ascontiguousarray(hidden_last, dtype=np.float32)})
+        return token
+
+    def probe(self, layer: int, hidden_last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The internal classifier of `layer`: (answer token ids, confidence) per row."""
+        index = np.array([list(self.policy.layers).index(layer)], dtype=np.int64)
+        token, confidence = self.probe_session.run(
+            ["top1_id", "confidence"], {"hidden_states": np.ascontiguousarray(hidden_last, dtype=np.float32),
+                                        "probe_index": index})
+        return token, confidence
+
     def features(self, layer: int, hidden_last: np.ndarray, previous: np.ndarray) -> dict:
         rows = hidden_last.shape[0]
         columns = {"layer_frac": np.full(rows, layer / self.num_layers, dtype=np.float32)}
@@ -94,10 +114,20 @@ class ExitDecider:
         return p.score_sign * (out[:, p.score_column] if out.ndim == 2 else out)
 
     def decide(self, layer: int, hidden_last: np.ndarray, previous: np.ndarray) -> Decision:
+        p = self.policy
+        if p.decision == "probe":
+            token, confidence = self.probe(layer, hidden_last)
+            stop = bool(confidence[0] >= p.threshold_at(layer, self.num_layers))
+            return Decision(stop=stop, token=token, score=float(confidence[0]))
         columns = self.features(layer, hidden_last, previous)
         score = self.score(columns)
-        token = columns.get("top1_id") if self.policy.head == "full" else None
-        return Decision(stop=bool(score[0] >= self.policy.threshold), token=token, score=float(score[0]))
+        stop = bool(score[0] >= p.threshold)
+        if p.label_token_ids and p.head != "label":
+            # the full / low-rank head's top-1 is not restricted to the label words: the label head answers
+            token = self.answer(hidden_last) if stop else None
+        else:
+            token = columns.get("top1_id") if p.head in ("full", "label") else None
+        return Decision(stop=stop, token=token, score=float(score[0]))
 
 
 @dataclass
@@ -120,6 +150,8 @@ def predict(model, ids: Sequence[int], decider: Optional[ExitDecider] = None, wa
     logits = None
     if run.token is not None and not want_logits:
         token = int(run.token[0])
+    elif decider is not None and decider.label_session is not None and not want_logits:
+        token = int(decider.answer(run.hidden[:, -1, :])[0])  # classification at full depth: label words only
     else:
         logits = model.final_logits(run.hidden[:, -1, :])[0]
         token = int(np.argmax(logits))

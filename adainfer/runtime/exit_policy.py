@@ -33,9 +33,19 @@ class ExitPolicy:
     - "classifier": `classifier.onnx` (skl2onnx) scores the features, score = sign * output[column];
     - "folded": the exit-head graph `head_file` also outputs `score` (linear classifier as MatMul/Add);
     - "rule": score = the first feature (e.g. the paper's gap >= 0.8);
+    - "probe": internal classifiers (DeeBERT-style): `head_file` holds one linear model per
+      evaluated layer on the last position's hidden state (inputs hidden_states, probe_index;
+      outputs answer = label index, confidence = its softmax probability); stop when the
+      confidence reaches `layer_thresholds[i]` for the i-th evaluated layer; the answer is the probe's;
     - "forced": stop at `min_layer`, no decision;
     - "never": full depth.
-    The policy stops at layer l (1-based) when l is evaluated and score >= threshold."""
+    The policy stops at layer l (1-based) when l is evaluated and score >= threshold.
+
+    Classification policies carry `label_token_ids` (the first token of each label word): the
+    answer is the label word with the highest logit, computed by `label_head_file` (final norm +
+    those rows of the LM head). `head` "label" reads gap / top prob from that label head (a
+    softmax over the label words only). `answer` says who answers at an early exit: "head" (the
+    exit / label head's top-1) or "probe" (the internal classifier)."""
 
     decision: str
     features: list[str]
@@ -49,6 +59,11 @@ class ExitPolicy:
     score_column: int = 0
     score_sign: float = 1.0
     name: str = ""
+    label_token_ids: list = field(default_factory=list)
+    label_head_file: Optional[str] = None
+    layers: list = field(default_factory=list)  # explicit evaluated layers (overrides min_layer / stride)
+    layer_thresholds: list = field(default_factory=list)  # one per evaluated layer (decision "probe")
+    answer: str = "head"
     extras: dict = field(default_factory=dict)
 
     def evaluates(self, layer: int, num_layers: int) -> bool:
@@ -57,13 +72,21 @@ class ExitPolicy:
             return False
         if self.decision == "forced":
             return layer == self.min_layer
+        if self.layers:
+            return layer in self.layers
         return layer >= self.min_layer and (layer - self.min_layer) % self.stride == 0
 
     def evaluated_layers(self, num_layers: int) -> list[int]:
         return [l for l in range(1, num_layers + 1) if self.evaluates(l, num_layers)]
 
     def uses_head(self) -> bool:
-        return self.head in ("full", "lowrank") and any(f in HEAD_FEATURES for f in self.features)
+        return self.head in ("full", "lowrank", "label") and any(f in HEAD_FEATURES for f in self.features)
+
+    def threshold_at(self, layer: int, num_layers: int) -> float:
+        """The threshold after block `layer`: per evaluated layer for probes, else the single one."""
+        if self.layer_thresholds:
+            return float(self.layer_thresholds[list(self.layers).index(layer)])
+        return self.threshold
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -84,13 +107,20 @@ class ExitPolicy:
 
     def validate(self) -> None:
         check_policy_values(self)
-        if self.decision not in ("classifier", "folded", "rule", "forced", "never"):
+        if self.decision not in ("classifier", "folded", "rule", "probe", "forced", "never"):
             raise BundleError(f"exit policy: unknown decision {self.decision!r}")
         unknown = [f for f in self.features if f not in FEATURES]
         if unknown:
             raise BundleError(f"exit policy: unknown feature {unknown[0]!r}")
-        if self.head not in ("full", "lowrank", "none"):
+        if self.head not in ("full", "lowrank", "label", "none"):
             raise BundleError(f"exit policy: unknown head {self.head!r}")
+        if self.answer not in ("head", "probe") or (self.answer == "probe") != (self.decision == "probe"):
+            raise BundleError(f"exit policy: answer {self.answer!r} does not go with decision {self.decision!r}")
+        if (self.head == "label" or self.decision == "probe") and not (self.label_token_ids and self.label_head_file):
+            raise BundleError("exit policy: a label-word decision needs label_token_ids and label_head_file")
+        if self.decision == "probe" and not (self.head_file and self.layers
+                                             and len(self.layer_thresholds) == len(self.layers)):
+            raise BundleError("exit policy: decision probe needs head_file, layers and one threshold per layer")
         if self.min_layer < 1 or self.stride < 1:
             raise BundleError("exit policy: min_layer and stride must be >= 1")
 
