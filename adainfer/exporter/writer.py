@@ -94,6 +94,7 @@ def export(
     precision: str = "fp32",
     quantize_heads: bool = False,
     monolithic: bool = False,
+    fused: bool = True,
 ) -> Manifest:
     """Export a model directory (the bundled stories260K by default) to a bundle directory."""
     quantize.check_precision(precision)
@@ -103,7 +104,7 @@ def export(
     staging.check_target(out_dir, force)
     model = load_model(model_dir)
     return export_model(model, out_dir, model_dir=model_dir, force=force, verify=verify, progress=progress,
-                        precision=precision, quantize_heads=quantize_heads, monolithic=monolithic)
+                        precision=precision, quantize_heads=quantize_heads, monolithic=monolithic, fused=fused)
 
 
 def export_model(
@@ -119,8 +120,12 @@ def export_model(
     precision: str = "fp32",
     quantize_heads: bool = False,
     monolithic: bool = False,
+    fused: bool = True,
 ) -> Manifest:
     """Export an already loaded `transformers` model; `model_dir` supplies tokenizer and config files.
+
+    `fused` (default) writes blocks the family can write with ONNX Runtime's fused operators that
+    way (`FamilyAdapter.fused_block`); False traces every block (standard ONNX ops: TensorRT).
 
     `precision` other than fp32 converts the block and kv_fill graphs (and with `quantize_heads` the embedding
     and heads) after the float32 bundle was exported and verified, then verifies them again at
@@ -135,7 +140,7 @@ def export_model(
     adapter = adapter_for(model)
     with staging.staged_directory(out_dir, force=force) as tmp:
         with torch.no_grad():
-            graphs = _export_graphs(adapter, tmp, verify, progress, external_data_threshold)
+            graphs = _export_graphs(adapter, tmp, verify, progress, external_data_threshold, fused)
         files = _copy_model_files(model, tmp, model_dir, tokenizer_file)
         graphs, files = _share(adapter, tmp, graphs, files, verify, external_data_threshold)
         manifest = _manifest(adapter, graphs, files)
@@ -198,9 +203,10 @@ def _share(adapter: FamilyAdapter, tmp: Path, graphs: dict[str, GraphSpec], file
     return graphs, files
 
 
-def _export_graphs(adapter: FamilyAdapter, tmp: Path, verify: bool, progress: bool, threshold: int) -> dict[str, GraphSpec]:
+def _export_graphs(adapter: FamilyAdapter, tmp: Path, verify: bool, progress: bool, threshold: int,
+                   fused: bool = True) -> dict[str, GraphSpec]:
     specs = {}
-    defs = graph_defs(adapter)
+    defs = graph_defs(adapter, fused=fused)
     for gdef in tqdm(defs, desc="export", unit="graph", disable=not progress):
         path = tmp / f"{gdef.name}.onnx"
         _export_one(gdef, path, threshold)
