@@ -23,6 +23,10 @@ def register(sub) -> None:
     p.add_argument("--truncate-prompt", action="store_const", const="left", default=None,
                    help="keep the most recent tokens of a prompt too long for the model (default: refuse it)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--thread-pool", choices=("global", "per-session"), default="global",
+                   help="ONNX Runtime threads: one pool shared by all the bundle's sessions (default; its workers spin "
+                        "briefly while a graph runs, which is fastest on an otherwise idle machine) or one sleeping pool "
+                        "per session (slower when idle, far less hurt by other busy processes): runtime/sessions.py")
     p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "ort-cuda", "ort-trt"), default="onnxruntime",
                    help="runtime: ONNX Runtime on CPU (default), TensorRT engines, or ONNX Runtime CUDA / TensorRT providers")
     p.add_argument("--mode", choices=("full", "early-exit", "speculative"), default="full",
@@ -44,7 +48,7 @@ def main(args) -> int:
         raise InputError("expected [BUNDLE] PROMPT (quote a prompt that has spaces)")
     bundle, prompt = (Path(args.args[0]), args.args[1]) if len(args.args) == 2 else (DEFAULT_BUNDLE, args.args[0])
     check_options(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any work
-    if args.backend == "onnxruntime":  # one thread pool for all the bundle's sessions (runtime/sessions.py)
+    if args.backend == "onnxruntime" and args.thread_pool == "global":  # see runtime/sessions.py
         from ..runtime.sessions import use_global_thread_pool
 
         use_global_thread_pool(args.threads)
