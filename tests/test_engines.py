@@ -17,7 +17,7 @@ from adainfer.engines.profiles import BuildOptions, graph_profiles, union_profil
 from adainfer.errors import AdainferError
 from adainfer.manifest import Manifest, manifest_digest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, STORIES_DIR, run_cli
 
 ORIN = DeviceInfo("Orin", "8.7", "10.3.0")
 
@@ -33,6 +33,17 @@ def gpu_available() -> bool:
 
 
 gpu = pytest.mark.skipif(not gpu_available(), reason="needs tensorrt, cuda-python and a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def stories_bundle(tmp_path_factory):
+    """TensorRT's parser reads standard ONNX operators only, so engines are built from a bundle with
+    traced blocks (`adainfer-export --generic-blocks`), not ONNX Runtime's fused ones."""
+    from adainfer.exporter import export
+
+    out = tmp_path_factory.mktemp("bundles") / "stories260K-generic"
+    export(STORIES_DIR, out, progress=False, fused=False)
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,11 @@ def register(sub) -> None:
     p.add_argument("--truncate-prompt", action="store_const", const="left", default=None,
                    help="keep the most recent tokens of a prompt too long for the model (default: refuse it)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--thread-pool", choices=("per-session", "global"), default="per-session",
+                   help="ONNX Runtime threads: one sleeping pool per session (default: measured 2x faster than the "
+                        "global pool with any other load on 2 cores), or ONNX Runtime's global pool shared by all the "
+                        "bundle's sessions, whose workers spin while a graph runs (possibly faster on an idle machine): "
+                        "docs/bench/chain-vs-genai.md")
     p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "ort-cuda", "ort-trt"), default="onnxruntime",
                    help="runtime: ONNX Runtime on CPU (default), TensorRT engines, or ONNX Runtime CUDA / TensorRT providers")
     p.add_argument("--mode", choices=("full", "early-exit", "speculative"), default="full",
@@ -57,7 +62,7 @@ def main(args) -> int:
     check_options(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any work
     check_decoding(args.mode, args.max_draft)
     check_threads(args.threads)
-    if args.backend == "onnxruntime":  # one thread pool for all the bundle's sessions (runtime/sessions.py)
+    if args.backend == "onnxruntime" and args.thread_pool == "global":  # see runtime/sessions.py
         from ..runtime.sessions import use_global_thread_pool
 
         use_global_thread_pool(args.threads)

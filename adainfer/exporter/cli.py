@@ -29,6 +29,10 @@ def parser() -> argparse.ArgumentParser:
                    help="convert the embedding and both heads to --precision too (default: they stay fp32)")
     p.add_argument("--monolithic", action="store_true",
                    help="also write the whole model as one ONNX graph with KV cache (model.onnx), the baseline of `adainfer bench`")
+    p.add_argument("--generic-blocks", action="store_true",
+                   help="trace every block from PyTorch with standard ONNX operators only (for TensorRT, whose parser "
+                        "lacks ONNX Runtime's fused GroupQueryAttention / RotaryEmbedding); default: Llama-layout "
+                        "blocks use ONNX Runtime's fused CPU operators")
     p.add_argument("--calib", type=Path, default=None, metavar="DATA",
                    help="calibrate the early exit on this text file after export (the default model is calibrated "
                         "on its bundled TinyStories sample unless --no-calib)")
@@ -45,7 +49,7 @@ def main(argv=None) -> int:
         model_dir = args.model_dir or DEFAULT_MODEL_DIR
         out = args.output or default_bundle_dir(model_dir)
         manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet, monolithic=args.monolithic,
-                          precision=args.precision, quantize_heads=args.quantize_heads)
+                          precision=args.precision, quantize_heads=args.quantize_heads, fused=not args.generic_blocks)
         print(f"wrote {out}: {manifest.family} ({manifest.model_type}), {manifest.num_layers} blocks, "
               f"hidden {manifest.hidden_size}, vocab {manifest.vocab_size}")
         data = args.calib or (DEFAULT_CALIB_DATA if args.model_dir is None and not args.no_calib else None)

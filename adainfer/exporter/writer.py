@@ -99,6 +99,7 @@ def export(
     precision: str = "fp32",
     quantize_heads: bool = False,
     monolithic: bool = False,
+    fused: bool = True,
 ) -> Manifest:
     """Export a model (the bundled stories260K by default) to a bundle directory.
 
@@ -112,7 +113,7 @@ def export(
     staging.check_not_inside(out_dir, model_dir)
     staging.check_target(out_dir, force)
     options = dict(force=force, verify=verify, progress=progress, precision=precision, quantize_heads=quantize_heads,
-                   monolithic=monolithic)
+                   monolithic=monolithic, fused=fused)
     if gguf is None:
         return export_model(load_model(model_dir), out_dir, model_dir=model_dir, **options)
     header = gguf_source.read_header(gguf)  # refuses an unsupported architecture or a damaged file first
@@ -143,8 +144,12 @@ def export_model(
     quantize_heads: bool = False,
     monolithic: bool = False,
     source: Optional[ModelSource] = None,
+    fused: bool = True,
 ) -> Manifest:
     """Export an already loaded `transformers` model; `model_dir` supplies tokenizer and config files.
+
+    `fused` (default) writes blocks the family can write with ONNX Runtime's fused operators that
+    way (`FamilyAdapter.fused_block`); False traces every block (standard ONNX ops: TensorRT).
 
     `precision` other than fp32 converts the block and kv_fill graphs (and with `quantize_heads` the embedding
     and heads) after the float32 bundle was exported and verified, then verifies them again at
@@ -161,7 +166,7 @@ def export_model(
                          adapter.geometry().vocab_size)
     with staging.staged_directory(out_dir, force=force) as tmp:
         with torch.no_grad():
-            graphs = _export_graphs(adapter, tmp, verify, progress, external_data_threshold)
+            graphs = _export_graphs(adapter, tmp, verify, progress, external_data_threshold, fused)
         files = _copy_model_files(model, tmp, model_dir, tokenizer_file)
         graphs, files = _share(adapter, tmp, graphs, files, verify, external_data_threshold)
         manifest = dataclasses.replace(_manifest(adapter, graphs, files), source=source)
@@ -224,9 +229,10 @@ def _share(adapter: FamilyAdapter, tmp: Path, graphs: dict[str, GraphSpec], file
     return graphs, files
 
 
-def _export_graphs(adapter: FamilyAdapter, tmp: Path, verify: bool, progress: bool, threshold: int) -> dict[str, GraphSpec]:
+def _export_graphs(adapter: FamilyAdapter, tmp: Path, verify: bool, progress: bool, threshold: int,
+                   fused: bool = True) -> dict[str, GraphSpec]:
     specs = {}
-    defs = graph_defs(adapter)
+    defs = graph_defs(adapter, fused=fused)
     for gdef in tqdm(defs, desc="export", unit="graph", disable=not progress):
         path = tmp / f"{gdef.name}.onnx"
         _export_one(gdef, path, threshold)

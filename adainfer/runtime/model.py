@@ -109,9 +109,12 @@ class Sessions(Mapping):
         self.bundle, self.providers, self.threads = bundle, providers, threads
         self._sessions: dict = {}
         self._lock = threading.Lock()
-        self.inputs: dict[str, list[str]] = {}
-        self.outputs: dict[str, list[str]] = {}
-        for name in bundle.manifest.graphs:
+        names = list(bundle.manifest.graphs)
+        self.inputs = dict.fromkeys(names)  # manifest order for iteration; filled below
+        self.outputs = dict.fromkeys(names)
+        # the heads and the embedding first: loading a graph holds its raw weights and their prepacked
+        # copy for a moment, so the vocabulary-sized ones go while little else is resident (peak RSS)
+        for name in sorted(names, key=lambda n: n not in ("final_head", "exit_head", "embed")):
             lazy = name.startswith(self.LAZY)
             session = make_session(bundle.graph_path(name), providers, threads, light=lazy)
             bundle.check_session(name, session)  # the graphs' real interfaces match the manifest

@@ -3,12 +3,14 @@
 A bundle runs one session per graph (embedding, blocks, heads, kv fills). By default each has
 its own intra-op thread pool; `use_global_thread_pool` instead makes every session of the
 process share ONNX Runtime's global pool: one set of worker threads for 30+ sessions, so a
-decode step does not wake a different pool for every block. Measured on SmolLM2 (2 cores,
-tools/chain_vs_genai.py, docs/bench/): see `docs/bench/chain-vs-genai.md`. ONNX Runtime fixes the
-global pool when its environment is created (the first session of the process) and then
-refuses sessions with their own pools, so it is a per-process choice: `adainfer run` makes it
-first thing; library users call `use_global_thread_pool` before loading anything, or keep the
-per-session pools.
+decode step does not wake a different pool for every block, but its workers spin while a graph
+runs. Measured on SmolLM2 (2 cores shared with other jobs, load 4-16; tools/chain_vs_genai.py,
+docs/bench/chain-vs-genai.md) the global pool was 2-5x slower than per-session pools, so those
+stay the default; on an idle machine the global pool was ~15% faster with the earlier traced
+blocks (FIELD-NOTES). ONNX Runtime fixes the global pool when its environment is created (the
+first session of the process) and then refuses sessions with their own pools, so it is a
+per-process choice: `adainfer run --thread-pool global`, or `use_global_thread_pool` before
+loading anything.
 """
 
 from __future__ import annotations

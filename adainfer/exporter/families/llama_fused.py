@@ -141,7 +141,13 @@ def fused_block_model(block, num_heads: int, num_kv_heads: int, max_positions: i
     outputs = [helper.make_tensor_value_info("hidden_states_out", f, ["batch", "sequence", hidden]),
                helper.make_tensor_value_info("present_key", f, present),
                helper.make_tensor_value_info("present_value", f, present)]
-    graph = helper.make_graph(nodes, name, inputs, outputs, inits)
+    # types of the contrib operators' outputs, which onnx's shape inference cannot derive (the
+    # quantizers in exporter/quantize.py need every MatMul input's type)
+    heads_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
+    value_info = [helper.make_tensor_value_info(n, f, ["batch", "sequence", width]) for n, width in
+                  (("q_rot", heads_width), ("k_rot", kv_width), ("attn", heads_width), ("mlp_in", hidden),
+                   ("residual", hidden))]
+    graph = helper.make_graph(nodes, name, inputs, outputs, inits, value_info=value_info)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="adainfer")
     model.ir_version = 8
