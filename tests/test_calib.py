@@ -125,7 +125,8 @@ def test_heldout_agreement_meets_target(calibrated):
     decider = ExitDecider(model, load_policy(model))
     dataset = load_dataset(HELDOUT_TEXT, "text", model.tokenizer.encode, limit=6)
     table = collect(model, dataset, progress=False)
-    simulated = exit_layers(decider_scores(decider, table), decider.policy.threshold,
+    scores, thresholds, _ = decider_scores(decider, table)
+    simulated = exit_layers(scores, thresholds,
                             CostModel(model.manifest, decider.policy).evaluated)
     early = np.flatnonzero(simulated < 5)[:8]
     late = np.flatnonzero(simulated == 5)[:4]

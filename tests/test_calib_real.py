@@ -22,8 +22,9 @@ LABEL_IDS = [3524, 2731]  # " negative", " positive" (SST-2 labels 0, 1) in Smol
 
 
 def linked_copy(src, dst):
-    """A copy of a bundle made of hard links (calibration replaces files, never writes into them)."""
-    shutil.copytree(src, dst, copy_function=os.link)
+    """A copy of a bundle made of hard links (calibration replaces files, never writes into them);
+    external-data files are copied, since `onnx.load` refuses hard-linked external data."""
+    shutil.copytree(src, dst, copy_function=lambda a, b: (shutil.copy2 if str(a).endswith(".bin") else os.link)(a, b))
     return dst
 
 

@@ -80,7 +80,8 @@ def write_tiny_llama_gguf(path: Path, model, leave_out: tuple[str, ...] = ()) ->
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     chars = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 161 + vocab)]
-    writer.add_token_list(["<unk>", "<s>", "</s>"] + chars[:vocab - 3])
+    # "<|endoftext|>" first, as SmolLM2 has it: transformers appends it to a gpt2-model vocabulary that lacks it
+    writer.add_token_list(["<|endoftext|>", "<s>", "</s>"] + chars[:vocab - 3])
     writer.add_token_types([3, 3, 3] + [1] * (vocab - 3))
     writer.add_token_scores([0.0] * vocab)
     writer.add_token_merges([])

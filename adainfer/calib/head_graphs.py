@@ -107,16 +107,16 @@ def label_head(final_head: Path, out: Path, vocab_size: int, label_token_ids: li
     label words only. |labels| x hidden multiply-accumulates instead of vocab x hidden."""
     model = onnx.load(str(final_head))
     graph = model.graph
-    node, init = _lm_head_matmul(model, vocab_size)
+    node, init, weight = _lm_head_matmul(model, vocab_size)  # weight: hidden x vocab
     ids = np.asarray(label_token_ids, dtype=np.int64)
     if ids.size < 2 or ids.min() < 0 or ids.max() >= vocab_size:
         raise AdainferError(f"label head: label token ids {ids.tolist()} must be >= 2 ids within the vocabulary")
-    weight = numpy_helper.to_array(init)
     users = [n for n in graph.node if init.name in n.input]
     if users != [node]:
         raise AdainferError("label head: the LM head weight is shared with other nodes (cannot cut it down)")
+    cut = weight[..., ids] if node.op_type == "MatMul" else weight[:, ids].T  # Gemm(transB=1): k x hidden
     graph.initializer.remove(init)
-    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight[..., ids]), init.name))
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(cut), init.name))
     inits = {i.name: i for i in graph.initializer}
     for n in graph.node:  # a vocabulary-sized bias (GPT-2 / OPT heads have none, but be exact if present)
         for name in n.input:
