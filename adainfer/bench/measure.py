@@ -1,7 +1,10 @@
 """Interleaved timings: every repeat runs every contender once, in a rotated order, after warm-up runs.
 
 Per contender and repeat: prefill latency of each prompt length (prompt -> first token) and the
-mean time per token of greedy decode steps after the shortest prompt.
+mean time per token of greedy decode steps after the shortest prompt. `run` drives objects with
+`time_prefill(ids)` / `time_decode(ids, tokens)` (`remote.Remote`: the timing happens inside the
+contender's own process, so the pipe between them is not timed); `time_prefill` / `time_decode`
+below are what a worker runs on its contender.
 """
 
 from __future__ import annotations
@@ -37,14 +40,14 @@ def run(contenders: list, prompts: dict[int, list[int]], decode_tokens: int, rep
     for _ in range(warmup):
         for c in contenders:
             for ids in prompts.values():
-                time_prefill(c, ids)
-            time_decode(c, shortest, min(decode_tokens, 8))
+                c.time_prefill(ids)
+            c.time_decode(shortest, min(decode_tokens, 8))
     for r in range(repeats):
         shift = r % len(contenders)
         for c in contenders[shift:] + contenders[:shift]:
             for n, ids in prompts.items():
-                samples[c.name][f"prefill_{n}"].append(time_prefill(c, ids))
-            samples[c.name]["decode"].append(time_decode(c, shortest, decode_tokens))
+                samples[c.name][f"prefill_{n}"].append(c.time_prefill(ids))
+            samples[c.name]["decode"].append(c.time_decode(shortest, decode_tokens))
         if log:
             log(f"repeat {r + 1}/{repeats}: " + ", ".join(
                 f"{c.name} {samples[c.name]['decode'][-1] * 1e3:.2f} ms/token" for c in contenders))
