@@ -160,10 +160,11 @@ class GenAI:
             "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
         config.clear_providers()  # CPU
         self.og, self.model, self.name, self.layers = og, og.Model(config), name, layers
+        self.context = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["context_length"]
 
     def prefill(self, ids):
         params = self.og.GeneratorParams(self.model)
-        length = len(ids) + 1024
+        length = min(self.context, len(ids) + 1024)
         params.set_search_options(max_length=length, min_length=length, do_sample=False)
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(list(ids))

@@ -49,7 +49,7 @@ def genai_build(source: dict, hf_dir: Path, precision: str, cache_dir: Path, pyt
     if proc.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
         lines = [line for line in proc.stderr.splitlines() if line.strip()] or ["no output"]
-        missing = next((line for line in lines if "No module named" in line), None)
+        missing = next((line for line in reversed(lines) if line.startswith(("ModuleNotFoundError", "ImportError"))), None)
         if missing is not None:
             raise PeerUnavailable("not installable", missing.split(":", 1)[-1].strip() + f" (python: {python})")
         raise PeerUnavailable("failed", f"onnxruntime-genai builder: {lines[-1]}")

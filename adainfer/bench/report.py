@@ -93,7 +93,7 @@ def _ms(s: dict) -> str:
 
 
 def _mb(n) -> str:
-    return f"{n / 1e6:.0f}" if n else "–"
+    return f"{n / 1e6:.1f}" if n else "–"
 
 
 def markdown(result: dict) -> str:

@@ -46,7 +46,7 @@ def main() -> int:
 
         if spec["kind"] == "ours":
             import onnxruntime  # noqa: F401
-            if spec["name"] == "transformers":
+            if "transformers" in spec["names"]:
                 import torch  # noqa: F401
                 import transformers  # noqa: F401
         baseline = _status_mb("VmRSS")

@@ -191,8 +191,13 @@ def main(args) -> int:
         prompt, prompt_source = _prompt(bundle, manifest)
         prompts = {n: prompt[:n] for n in PROMPT_LENGTHS}
         log(f"timing {', '.join(c.name for c in contenders)} ({args.repeats} repeats, {threads} threads)")
-        samples = measure.run(contenders, prompts, args.decode_tokens, args.repeats, args.warmup, log=log)
-        memory = {w.names[0]: w.request({"op": "memory"}) for w in workers}
+        failures: dict = {}
+        samples = measure.run(contenders, prompts, args.decode_tokens, args.repeats, args.warmup, log=log,
+                              failures=failures)
+        for name, reason in failures.items():
+            unavailable[name] = {"status": "failed", "reason": reason}
+        contenders = [c for c in contenders if c.name in samples]
+        memory = {w.names[0]: w.request({"op": "memory"}) for w in workers if w.names[0] in samples}
         infos = {c.name: c.info() for c in contenders if c.name.startswith("chain_")}
     finally:
         for worker in workers:

@@ -6,9 +6,11 @@ Rounding such weights to a new 4-bit grid (round-to-nearest, as onnxruntime-gena
 adds a second quantization error: on SmolLM2-135M-Instruct (Q4_1) top-1 agreement with the
 float32 model fell to 0.70 (blocks only) and 0.63 (with the LM head). Re-encoded exactly instead:
 
-- Q4_1 -> `MatMulNBits(bits=4, scales=d, zero_points=0)` plus the block minima as a small float
-  term, `blocksum(x) @ mins` (x summed over each block of 32 inputs; `mins` is K/32 x N);
-- Q8_0 -> `MatMulNBits(bits=8)` with the block scales d (zero point 128, the symmetric default).
+- Q4_1 -> `MatMulNBits(bits=4, scales=d)` on q - 8 (the symmetric default zero point 8: centred
+  integers keep the int8 compute's rounding of x small) plus the rest as a small float term,
+  `blocksum(x) @ (m + 8 d)` (x summed over each block of 32 inputs; K/32 x N);
+- Q8_0 -> `MatMulNBits(bits=8)` with the block scales d (zero point 128, the symmetric default);
+  a Q8_0 embedding table (blocks along the hidden axis) -> `GatherBlockQuantized(bits=8)`.
 
 A matrix is re-encoded only when every block lies on the grid (residual < `GRID_TOLERANCE` of a
 step) and the requested block size is the grid's (32); anything else is left to the quantizer.
@@ -97,6 +99,21 @@ def encode_exact(model: onnx.ModelProto, nodes: list[onnx.NodeProto], block_size
     new_nodes, new_inits, replaced = [], [], set()
     block_sums: dict[str, str] = {}  # input -> its per-block sums, shared by the MatMuls that read it
     for node in model.graph.node:
+        if node.op_type == "Gather" and node.name in targets and node.input[0] in inits:
+            table = numpy_helper.to_array(inits[node.input[0]])
+            q8 = q8_0_grid(table.T) if table.ndim == 2 else None
+            if q8 is None:
+                new_nodes.append(node)
+                continue
+            q, d = q8
+            replaced.add(node.input[0])
+            data = numpy_helper.from_array((q.T.astype(np.int16) + 128).astype(np.uint8), f"{node.name}_Q8")
+            scales = numpy_helper.from_array(d.T.copy(), f"{node.name}_scales")
+            new_inits += [data, scales]
+            new_nodes.append(helper.make_node("GatherBlockQuantized", [data.name, node.input[1], scales.name],
+                                              list(node.output), name=f"{node.name}_Q8", domain="com.microsoft",
+                                              bits=8, block_size=GGUF_BLOCK, gather_axis=0, quantize_axis=1))
+            continue
         weight = inits.get(node.input[1]) if node.name in targets else None
         w = numpy_helper.to_array(weight) if weight is not None else None
         q4 = q4_1_grid(w) if w is not None else None
@@ -115,8 +132,8 @@ def encode_exact(model: onnx.ModelProto, nodes: list[onnx.NodeProto], block_size
             continue
         q, d, m = q4
         k, n = q.shape
-        zero = np.zeros(n * ((k // GGUF_BLOCK + 1) // 2), dtype=np.uint8)
-        nbits, tensors = _nbits_node(f"{node.name}_Q4", x, f"{out}_q4", q, d, 4, GGUF_BLOCK, accuracy_level, zero)
+        nbits, tensors = _nbits_node(f"{node.name}_Q4", x, f"{out}_q4", q, d, 4, GGUF_BLOCK, accuracy_level, None)
+        m = m + 8 * d  # d * q + m = d * (q - 8) + (m + 8 d); MatMulNBits subtracts its default zero point 8
         new_inits += tensors
         if x not in block_sums:
             shape, axis = f"{node.name}_block_shape", f"{node.name}_block_axis"

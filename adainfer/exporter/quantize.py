@@ -211,8 +211,7 @@ def _to_nbits(src: Path, dst: Path, model: onnx.ModelProto, bits: int, block_siz
     from .gguf_grid import OFFSET_SUFFIX, encode_exact
 
     if bits == 4:  # a GGUF Q4_1 / Q8_0 source: keep its own weights instead of rounding them again
-        model = encode_exact(model, [n for n in weight_nodes(model) if n.op_type == "MatMul"], block_size,
-                             ACCURACY_LEVEL)
+        model = encode_exact(model, weight_nodes(model), block_size, ACCURACY_LEVEL)
     matmuls = [n.name for n in weight_nodes(model) if n.op_type == "MatMul" and not n.name.endswith(OFFSET_SUFFIX)]
     gathers = [n.name for n in weight_nodes(model) if n.op_type == "Gather"]
     if gathers and bits == 8:  # an int8 table + DequantizeLinear after the Gather: weight-only by construction
