@@ -37,6 +37,8 @@ def machine(threads: int) -> dict:
 
 #: decode-time targets (issue 11): contender ÷ reference at most this
 TARGETS = {("chain_full", "genai_fp32"): 1.05, ("chain_int4", "genai_int4"): 1.10, ("chain_int4", "llamacpp"): 1.10}
+#: ratios reported without a target: what the chain's calls add to the same kernels
+OVERHEADS = (("chain_int4", "monolithic_int4"), ("chain_full", "monolithic"))
 #: a forced exit after k of L blocks may cost at most k/L of full depth plus this
 FORCED_EXIT_SLACK = 0.05
 #: references every contender's decode time is divided by, when present
@@ -81,6 +83,8 @@ def ratios(samples: dict, num_layers: int, forced: list[int]) -> dict:
             got = paired_ratio(samples[name]["decode"], _reference(samples, ref)["decode"])["median"]
             out["targets"].append({"contender": name, "reference": ref, "decode_ratio": got, "at_most": limit,
                                    "met": got <= limit})
+    out["chain_overhead"] = {f"{name}/{ref}": paired_ratio(samples[name]["decode"], samples[ref]["decode"])
+                             for name, ref in OVERHEADS if name in samples and ref in samples}
     return out
 
 
@@ -124,6 +128,8 @@ def markdown(result: dict) -> str:
     for target in r.get("targets", []):
         lines.append(f"{target['contender']} ÷ {target['reference']}, decode: {target['decode_ratio']:.3f} "
                      f"(target ≤ {target['at_most']:.2f}: {'met' if target['met'] else 'not met'}).")
+    for pair, v in r.get("chain_overhead", {}).items():
+        lines.append(f"{pair.replace('/', ' ÷ ')}, decode (the chain's per-call cost on the same kernels): {v['median']:.3f}.")
     if "chain_full_over_monolithic_decode" in r:
         lines.append(f"Chain ÷ monolithic, decode: {r['chain_full_over_monolithic_decode']['median']:.3f}; prefill: "
                      + ", ".join(f"{n} tok {v['median']:.3f}" for n, v in r["chain_full_over_monolithic_prefill"].items()) + ".")

@@ -149,3 +149,30 @@ def bundle_for(source: dict, cache_dir: Path, progress: bool = True, precision: 
     manifest = dataclasses.replace(manifest, extras={**manifest.extras, SOURCE_KEY: source})
     manifest.save(out)
     return out
+
+
+def monolithic_at(source: dict, cache_dir: Path, precision: str, progress: bool = True) -> Path:
+    """`model.onnx` converted to `precision` (`quantize.convert`, every weight: embedding, blocks, head) in a
+    directory of its own beside the bundles, with the float32 bundle's manifest for the geometry: the
+    whole model as one graph at that precision, so the chain's per-call cost shows against the same kernels."""
+    import shutil
+
+    from ..exporter import quantize
+
+    fp32 = bundle_for(source, cache_dir, progress)
+    out = bundle_dir(source, cache_dir, precision).with_name(bundle_dir(source, cache_dir, precision).name + "-monolithic")
+    stamp = out / "adainfer_source.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(source)):
+        return out
+    if progress:
+        print(f"converting {fp32 / 'model.onnx'} to {precision} into {out}", flush=True)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copyfile(fp32 / "manifest.json", staging / "manifest.json")
+    quantize.convert(fp32 / "model.onnx", staging / "model.onnx", precision)
+    stamp_file = staging / "adainfer_source.json"
+    stamp_file.write_text(json.dumps(source))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out

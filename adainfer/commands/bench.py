@@ -6,7 +6,8 @@ repeats with the same prompt and threads: `transformers` (torch eager); onnxrunt
 and int4 (its own builder's output of the same weights); llama.cpp (`llama-cpp-python`) on the
 GGUF file (GGUF input only); our whole model as one ONNX graph (`monolithic`); our chain at every
 precision (`chain_full` = fp32, `chain_fp16`, `chain_int8-dynamic`, `chain_int8-weight`,
-`chain_int4`); forced exits after L/4, L/2, 3L/4 blocks; for stories260K the calibrated exit.
+`chain_int4`) and the whole model as one int4 graph (`monolithic_int4`: the chain's own per-call cost
+is `chain_int4` ÷ `monolithic_int4`); forced exits after L/4, L/2, 3L/4 blocks; for stories260K the calibrated exit.
 A peer that cannot be imported (or built) stays in the table as "not installable" with the reason.
 Writes JSON (raw timings, statistics, paired ratios), a markdown table and a PNG plot.
 """
@@ -174,6 +175,9 @@ def main(args) -> int:
             unavailable[name] = {"status": "refused", "reason": str(exc)}
             continue
         ours([name], converted, bundle_size(converted))
+        if precision == "int4" and wanted("monolithic_int4"):  # the same int4 kernels without the chain's calls
+            whole = shapes.monolithic_at(source, args.cache_dir, "int4")
+            ours(["monolithic_int4"], whole, peers.size_on_disk([whole / "model.onnx", whole / "model.onnx.data"]))
 
     workers, contenders, sizes = [], [], {}
     for names, spec, python, size, layers in groups:
