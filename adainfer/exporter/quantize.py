@@ -27,7 +27,7 @@ Why `accuracy_level` 4 (int8 compute): ONNX Runtime's CPU `MatMulNBits` kernel
 level 4; otherwise it asks for `SQNBIT_CompFp32`, which MLAS implements on x86 for 4 bits but not
 for 8 bits, so an 8-bit node without level 4 is never prepacked and falls back to
 `ComputeBUnpacked`: the whole weight matrix dequantized to float32 on every call, then SGEMM.
-Measured on this 2-core AVX2 EPYC, one 576x1536 MatMul, one row (tools/nbits_micro.py): fp32
+Measured on this 2-core AVX2 EPYC, one 576x1536 MatMul, one row (`tools/nbits_micro.py`): fp32
 85 us, 8-bit level 0 7530 us, 8-bit level 4 67 us, 4-bit level 0 215 us, 4-bit level 4 61 us.
 The quantized activations cost accuracy (blockwise int8 of each row): measured, not assumed,
 by the export's quality check (`quality.py`).
