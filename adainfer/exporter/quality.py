@@ -32,8 +32,8 @@ from ..paths import HELDOUT_TEXT
 #: Set below what a correct conversion reaches and far above what a broken one does. Measured (8 held-out
 #: stories, 1,016 positions): stories260K fp16 1.000 / 1.000, int8-weight 0.991 / 1.001, int8-dynamic
 #: 0.886 / (blocks) and 0.873 (heads too), int4 0.865 / 1.09 (blocks) and 0.842 (heads too);
-#: SmolLM2-135M-Instruct (from its Q4_1 GGUF) int4 re-encoded exactly (`gguf_grid.py`) see the README,
-#: int4 rounded again (as onnxruntime-genai does) 0.63 / 1.32: refused. A corrupted block: below 0.5.
+#: SmolLM2-135M-Instruct (from its Q4_1 GGUF) int4 with the GGUF's grid kept (`gguf_grid.py`) 0.973 / 1.002,
+#: int4 rounded again (as onnxruntime-genai does) 0.63 / 1.32: refused (docs/quantization.md).
 THRESHOLDS = {
     "fp32": (0.999, 1.001),
     "fp16": (0.99, 1.01),
