@@ -1,5 +1,7 @@
-"""Quantized bundles of the real model (SmolLM2-135M-Instruct, from its Q4_1 GGUF): every precision converts
-from one float32 export and passes its quality check on held-out text; int4 keeps the GGUF's own weights.
+"""Quantized bundles of the real model (SmolLM2-135M-Instruct, from its Q4_1 GGUF): int4, int8-weight and fp16
+convert from one float32 export and pass their quality check on held-out text; int4 keeps the GGUF's own
+weights. int8-dynamic is refused: one activation scale per tensor cannot hold SmolLM2's massive activations
+(residual stream up to ~770 by block 2; block 1 alone is 46% off in relative RMS), top-1 agreement 0.000.
 
 One float32 bundle (the session fixture) is converted four ways (`convert_bundle`), ~1 min each on 2 cores.
 """
@@ -11,11 +13,13 @@ import collections
 import onnx
 import pytest
 
+from adainfer.errors import ExportError
+
 import adainfer.runtime as rt
 from adainfer.exporter import quality
 from adainfer.exporter.convert import convert_bundle
 
-PRECISIONS = ("int4", "int8-dynamic", "int8-weight", "fp16")
+PRECISIONS = ("int4", "int8-weight", "fp16")
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +66,9 @@ def test_smollm2_int4_answers_the_chat_question_as_fp32(converted, smollm2_bundl
     want = fp32.generate(prompt, max_new_tokens=8, stop_at_eos=False)
     got = int4.generate(prompt, max_new_tokens=8, stop_at_eos=False)
     assert "Paris" in want.text and got.tokens == want.tokens
+
+
+def test_smollm2_int8_dynamic_is_refused_by_its_quality_check(smollm2_hf, smollm2_bundle, tmp_path):
+    with pytest.raises(ExportError, match=r"quality check failed: int8-dynamic top-1 agreement with fp32 0\.[0-4]"):
+        convert_bundle(smollm2_hf, smollm2_bundle, tmp_path / "int8-dynamic", "int8-dynamic")
+    assert not (tmp_path / "int8-dynamic").exists()
