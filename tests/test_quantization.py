@@ -202,7 +202,7 @@ def test_a_broken_conversion_is_refused_and_leaves_no_bundle(stories_hf, tmp_pat
     held-out text when the graph still runs plausibly, by the structural check when an output is gone."""
     manifest = export_model(stories_hf, tmp_path / "ok", model_dir=STORIES_DIR, precision="int8-weight")
     quality = manifest.extras["quantization"]["quality"]
-    assert quality["top1_agreement"] >= 0.97 and quality["perplexity_ratio"] <= 1.03
+    assert quality["top1_agreement"] >= 0.95 and quality["perplexity_ratio"] <= 1.03
     original = quantize.convert
 
     def convert_then_damage(src, dst, precision, **kwargs):
