@@ -1,7 +1,7 @@
 """What quantization costs in quality, and what it buys in size, memory and time: one command.
 
     .venv/bin/python tools/quant_study.py [--out out/quant_study] [--models stories260K random-llama]
-                                          [--precisions fp32 fp16 int8-weight int8-dynamic] [--quantize-heads]
+                                          [--precisions fp32 fp16 int8-weight int8-dynamic int4] [--quantize-heads]
                                           [--sst2 FILE] [--no-early-exit]
 
 For each model and precision the model is exported (`adainfer.exporter.export_model`, verified at
@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 from adainfer.paths import DEFAULT_MODEL_DIR, HELDOUT_TEXT  # noqa: E402
 
-PRECISIONS = ["fp32", "fp16", "int8-weight", "int8-dynamic"]
+PRECISIONS = ["fp32", "fp16", "int8-weight", "int8-dynamic", "int4"]
 RANDOM_LLAMA = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                     num_key_value_heads=8, vocab_size=32000, max_position_embeddings=1024, bos_token_id=1,
                     eos_token_id=2, tie_word_embeddings=False)
@@ -95,22 +95,18 @@ class Context:
     scratch: dict
 
 
-def all_logits(model, ids: list[int]) -> np.ndarray:
-    """Logits at every position of one sequence (teacher forcing), through the runtime's graphs."""
+def all_position_logits(model, ids: list[int]) -> np.ndarray:
+    """Logits at every position of one sequence (teacher forcing) through the runtime's own layer loop
+    (as `adainfer.exporter.quality.all_position_logits`, which this light subprocess cannot import: torch)."""
     input_ids = np.asarray([ids], dtype=np.int64)
-    positions = np.arange(len(ids), dtype=np.int64)[None, :]
-    state = model.new_state(1)
-    state.attention_mask = np.ones((1, len(ids)), dtype=np.int64)
-    hidden = model.embed(input_ids, positions)
-    for layer in range(model.num_layers):
-        hidden = model.block(layer, hidden, positions, state)
-    return model.final_logits(hidden[0])
+    run = model.run_layers(input_ids, model.new_state(1), np.ones_like(input_ids))
+    return model.final_logits(run.hidden[0])
 
 
 def measure_quality(ctx: Context) -> dict:
     nll, count, agree, top1 = 0.0, 0, 0, []
     for i, ids in enumerate(ctx.sequences):
-        logits = all_logits(ctx.model, ids)[:-1].astype(np.float64)
+        logits = all_position_logits(ctx.model, ids)[:-1].astype(np.float64)
         targets = np.asarray(ids[1:])
         shifted = logits - logits.max(-1, keepdims=True)
         logp = shifted[np.arange(len(targets)), targets] - np.log(np.exp(shifted).sum(-1))

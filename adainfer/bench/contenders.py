@@ -2,6 +2,10 @@
 
 A contender has `name`, `layers` (blocks run per decoded token) and
 `prefill(ids) -> (state, token)`, `step(state, token) -> token` (or `decode(ids, tokens)`, timed whole).
+Each runs in its own worker process (`worker.py`), built there from a spec by `build_spec`: ours
+(chain, monolithic graph) and `transformers` from a bundle, the peers a user would pick instead
+(`GenAI`: onnxruntime-genai's own model builder output; `LlamaCpp`: llama-cpp-python on a GGUF)
+from their own files, imported only in their worker.
 """
 
 from __future__ import annotations
@@ -139,6 +143,61 @@ class Classifier:
         self.layers_per_token.append(sum(out.layers_per_token) / max(1, len(out.layers_per_token)))
 
 
+class GenAI:
+    """onnxruntime-genai (`og.Generator`) on its builder's output: greedy, `threads` intra-op threads.
+
+    Prefill = `append_tokens(prompt)` (runs the prompt forward); a step = `generate_next_token()`.
+    min_length = max_length keeps an end-of-sequence token from ending the timed decode early.
+    """
+
+    def __init__(self, model_dir: Path, threads: int, name: str, layers: int):
+        import json
+
+        import onnxruntime_genai as og
+
+        config = og.Config(str(model_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        config.clear_providers()  # CPU
+        self.og, self.model, self.name, self.layers = og, og.Model(config), name, layers
+        self.context = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["context_length"]
+
+    def prefill(self, ids):
+        params = self.og.GeneratorParams(self.model)
+        length = min(self.context, len(ids) + 1024)
+        params.set_search_options(max_length=length, min_length=length, do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(list(ids))
+        return generator, None
+
+    def step(self, state, token):
+        state.generate_next_token()
+        return None
+
+
+class LlamaCpp:
+    """llama.cpp (`llama-cpp-python`) on the GGUF file: `eval(prompt)`, then greedy `eval([token])` steps."""
+
+    def __init__(self, gguf: Path, threads: int, name: str, layers: int, context: int = 512):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=context,
+                         logits_all=False, verbose=False)
+        self.name, self.layers = name, layers
+
+    def _next(self) -> int:
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return None, self._next()
+
+    def step(self, state, token):
+        self.llm.eval([token])
+        return self._next()
+
+
 def forced_layers(num_layers: int) -> list[int]:
     """L/4, L/2, 3L/4 (at least 1, distinct, below L)."""
     layers = sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)})
@@ -152,19 +211,24 @@ def load_chain(bundle: Path, threads: int):
 
 
 def build(name: str, bundle: Path, threads: int, model=None):
-    """A contender by name: transformers, monolithic, monolithic_spinning, chain_full, chain_exit@K,
-    chain_classifier. `model` reuses an already loaded chain."""
+    """One of our contenders by name, on `bundle`: transformers, monolithic, monolithic_spinning, chain_full
+    (any chain_<precision> when `bundle` holds that precision), chain_exit@K, chain_classifier.
+    `model` reuses an already loaded chain."""
     from ..manifest import Manifest
     from .shapes import BenchError, load_source_model
 
     manifest = Manifest.load(bundle)
     if name == "transformers":
         return Transformers(load_source_model(manifest.extras["bench_source"]), threads)
-    if name in ("monolithic", "monolithic_spinning"):
-        return Monolithic(bundle, manifest, threads, spinning=name.endswith("spinning"))
+    if name.startswith("monolithic"):
+        contender = Monolithic(bundle, manifest, threads, spinning=name.endswith("spinning"))
+        contender.name = name
+        return contender
     model = model if model is not None else load_chain(bundle, threads)
-    if name == "chain_full":
-        return Chain(model)
+    if name == "chain_full" or (name.startswith("chain_") and "@" not in name and name != "chain_classifier"):
+        contender = Chain(model)
+        contender.name = name
+        return contender
     if name.startswith("chain_exit@"):
         from ..runtime.early_exit import ExitDecider
         from ..runtime.exit_policy import ExitPolicy
@@ -174,3 +238,19 @@ def build(name: str, bundle: Path, threads: int, model=None):
     if name == "chain_classifier":
         return Classifier(model)
     raise BenchError(f"unknown contender {name!r}")
+
+
+def build_specs(spec: dict) -> list:
+    """The contenders of one worker: {"kind": "ours"|"genai"|"llamacpp", "names": [...], "path", "threads",
+    "layers"}; ours share one loaded chain (full depth, forced exits, classifier)."""
+    if spec["kind"] == "genai":
+        return [GenAI(Path(spec["path"]), spec["threads"], spec["names"][0], spec["layers"])]
+    if spec["kind"] == "llamacpp":
+        return [LlamaCpp(Path(spec["path"]), spec["threads"], spec["names"][0], spec["layers"])]
+    model = None
+    out = []
+    for name in spec["names"]:
+        if name.startswith("chain") and model is None:
+            model = load_chain(Path(spec["path"]), spec["threads"])
+        out.append(build(name, Path(spec["path"]), spec["threads"], model=model))
+    return out

@@ -1,7 +1,10 @@
 """Interleaved timings: every repeat runs every contender once, in a rotated order, after warm-up runs.
 
 Per contender and repeat: prefill latency of each prompt length (prompt -> first token) and the
-mean time per token of greedy decode steps after the shortest prompt.
+mean time per token of greedy decode steps after the shortest prompt. `run` drives objects with
+`time_prefill(ids)` / `time_decode(ids, tokens)` (`remote.Remote`: the timing happens inside the
+contender's own process, so the pipe between them is not timed); `time_prefill` / `time_decode`
+below are what a worker runs on its contender.
 """
 
 from __future__ import annotations
@@ -30,24 +33,48 @@ def time_decode(contender, ids, tokens: int) -> float:
 
 
 def run(contenders: list, prompts: dict[int, list[int]], decode_tokens: int, repeats: int, warmup: int = 1,
-        log: Optional[Callable[[str], None]] = None) -> dict[str, dict[str, list[float]]]:
-    """Raw seconds: {contender: {"prefill_<n>": [...], "decode": [...]}}, one value per repeat."""
+        log: Optional[Callable[[str], None]] = None, failures: Optional[dict] = None) -> dict[str, dict[str, list[float]]]:
+    """Raw seconds: {contender: {"prefill_<n>": [...], "decode": [...]}}, one value per repeat.
+
+    A contender that raises (a peer's runtime refusing this model, say) is dropped from the run and its
+    error recorded in `failures` (name -> message); the others go on."""
     shortest = prompts[min(prompts)]
     samples = {c.name: {**{f"prefill_{n}": [] for n in prompts}, "decode": []} for c in contenders}
+    alive = list(contenders)
+    failures = failures if failures is not None else {}
+
+    def attempt(c, work) -> None:
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - reported as the contender's row
+            failures[c.name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            samples.pop(c.name, None)
+            alive.remove(c)
+            if log:
+                log(f"{c.name} dropped: {failures[c.name]}")
+
+    def warm(c) -> None:
+        for ids in prompts.values():
+            c.time_prefill(ids)
+        c.time_decode(shortest, min(decode_tokens, 8))
+
+    def timed(c) -> None:
+        values = {f"prefill_{n}": c.time_prefill(ids) for n, ids in prompts.items()}
+        values["decode"] = c.time_decode(shortest, decode_tokens)
+        for key, value in values.items():
+            samples[c.name][key].append(value)
+
     for _ in range(warmup):
-        for c in contenders:
-            for ids in prompts.values():
-                time_prefill(c, ids)
-            time_decode(c, shortest, min(decode_tokens, 8))
+        for c in list(alive):
+            attempt(c, lambda c=c: warm(c))
     for r in range(repeats):
-        shift = r % len(contenders)
-        for c in contenders[shift:] + contenders[:shift]:
-            for n, ids in prompts.items():
-                samples[c.name][f"prefill_{n}"].append(time_prefill(c, ids))
-            samples[c.name]["decode"].append(time_decode(c, shortest, decode_tokens))
+        order = list(alive)
+        shift = r % len(order) if order else 0
+        for c in order[shift:] + order[:shift]:
+            attempt(c, lambda c=c: timed(c))
         if log:
             log(f"repeat {r + 1}/{repeats}: " + ", ".join(
-                f"{c.name} {samples[c.name]['decode'][-1] * 1e3:.2f} ms/token" for c in contenders))
+                f"{c.name} {samples[c.name]['decode'][-1] * 1e3:.2f} ms/token" for c in alive))
     return samples
 
 

@@ -23,7 +23,8 @@ def machine(threads: int) -> dict:
     except OSError:
         pass
     info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
-            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
     try:
         import torch
         import transformers
@@ -34,8 +35,25 @@ def machine(threads: int) -> dict:
     return info
 
 
+#: decode-time targets (issue 11): contender ÷ reference at most this
+TARGETS = {("chain_full", "genai_fp32"): 1.05, ("chain_int4", "genai_int4"): 1.10, ("chain_int4", "llamacpp"): 1.10}
+#: ratios reported without a target: what the chain's calls add to the same kernels
+OVERHEADS = (("chain_int4", "monolithic_int4"), ("chain_full", "monolithic"))
+#: a forced exit after k of L blocks may cost at most k/L of full depth plus this
+FORCED_EXIT_SLACK = 0.05
+#: references every contender's decode time is divided by, when present
+REFERENCES = ("monolithic", "genai_fp32", "genai_int4", "llamacpp", "chain_full")
+
+
+def _reference(samples: dict, ref: str):
+    if ref == "llamacpp":
+        return next((samples[n] for n in samples if n.startswith("llamacpp")), None)
+    return samples.get(ref)
+
+
 def ratios(samples: dict, num_layers: int, forced: list[int]) -> dict:
-    """Paired per-repeat ratios (median, min, max) against the monolithic graph and full-depth chain."""
+    """Paired per-repeat ratios (median, min, max): decode against every reference, the stated targets,
+    chain against the monolithic graph (decode and prefill), forced exits against the full chain."""
     base, chain = samples.get(BASELINE), samples.get("chain_full")
     out: dict = {}
     if base and chain:
@@ -46,7 +64,7 @@ def ratios(samples: dict, num_layers: int, forced: list[int]) -> dict:
         out["forced_exit_over_full_decode"] = {
             str(k): paired_ratio(samples[f"chain_exit@{k}"]["decode"], chain["decode"])
             for k in forced if f"chain_exit@{k}" in samples}
-        out["forced_exit_target"] = {str(k): k / num_layers + 0.10 for k in forced}
+        out["forced_exit_target"] = {str(k): k / num_layers + FORCED_EXIT_SLACK for k in forced}
     if base and "transformers" in samples:
         out["transformers_over_monolithic_decode"] = paired_ratio(samples["transformers"]["decode"], base["decode"])
         out["transformers_over_monolithic_prefill"] = {
@@ -54,6 +72,19 @@ def ratios(samples: dict, num_layers: int, forced: list[int]) -> dict:
             for key in base if key.startswith("prefill_")}
     if base:
         out["over_monolithic_decode"] = {name: paired_ratio(s["decode"], base["decode"]) for name, s in samples.items()}
+    out["decode_over"] = {}
+    for ref in REFERENCES:
+        ref_samples = _reference(samples, ref)
+        if ref_samples is not None:
+            out["decode_over"][ref] = {name: paired_ratio(s["decode"], ref_samples["decode"]) for name, s in samples.items()}
+    out["targets"] = []
+    for (name, ref), limit in TARGETS.items():
+        if name in samples and _reference(samples, ref) is not None:
+            got = paired_ratio(samples[name]["decode"], _reference(samples, ref)["decode"])["median"]
+            out["targets"].append({"contender": name, "reference": ref, "decode_ratio": got, "at_most": limit,
+                                   "met": got <= limit})
+    out["chain_overhead"] = {f"{name}/{ref}": paired_ratio(samples[name]["decode"], samples[ref]["decode"])
+                             for name, ref in OVERHEADS if name in samples and ref in samples}
     return out
 
 
@@ -65,26 +96,40 @@ def _ms(s: dict) -> str:
     return f"{s['median'] * 1e3:.2f} ({s['min'] * 1e3:.2f}–{s['max'] * 1e3:.2f})"
 
 
+def _mb(n) -> str:
+    return f"{n / 1e6:.1f}" if n else "–"
+
+
 def markdown(result: dict) -> str:
     m, r, rows = result["machine"], result["ratios"], result["contenders"]
     prompts = result["settings"]["prompt_lengths"]
-    over = r.get("over_monolithic_decode", {})
-    head = ["contender", "layers", "MMAC/token", *[f"prefill {n} tok, ms" for n in prompts],
-            "decode ms/token", "tokens/s", "decode ÷ monolithic", "peak RSS MB (Δ)"]
+    refs = [ref for ref in ("monolithic", "genai_fp32", "genai_int4", "llamacpp") if ref in r.get("decode_over", {})]
+    head = ["contender", "layers", *[f"prefill {n} tok, ms" for n in prompts], "decode ms/token", "tokens/s",
+            *[f"decode ÷ {ref}" for ref in refs], "peak RSS MB (Δ)", "size MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in rows.items():
+        if row.get("status", "ok") != "ok":
+            cells = [f"`{name}`", f"{row['status']}: {row['reason']}"] + [""] * (len(head) - 2)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         t = row["timings"]
         mem = row.get("memory")
-        cells = [f"`{name}`", str(row["layers"]), f"{row['macs_per_token'] / 1e6:.1f}",
-                 *[_ms(t[f"prefill_{n}"]) for n in prompts], _ms(t["decode"]),
+        cells = [f"`{name}`", str(row["layers"]), *[_ms(t[f"prefill_{n}"]) for n in prompts], _ms(t["decode"]),
                  f"{1 / t['decode']['median']:.1f}",
-                 f"{over[name]['median']:.3f}" if name in over else "–",
-                 f"{mem['peak_mb']:.0f} ({mem['peak_over_baseline_mb']:.0f})" if mem else "–"]
+                 *[f"{r['decode_over'][ref][name]['median']:.3f}" for ref in refs],
+                 f"{mem['peak_mb']:.0f} ({mem['peak_mb'] - mem['baseline_mb']:.0f})" if mem else "–",
+                 _mb(row.get("size_bytes"))]
         lines.append("| " + " | ".join(cells) + " |")
     s = result["settings"]
-    lines += ["", f"Model: {result['model']}; {s['repeats']} repeats (median, min–max), {s['decode_tokens']} decoded tokens "
-              f"after the {min(prompts)}-token prompt, {s['threads']} threads. Machine: {m['platform']}, {m['cpu']}, "
-              f"{m['cores']} cores, onnxruntime {m['onnxruntime']}."]
+    lines += ["", f"Model: {result['model']}; {s['repeats']} repeats (median, min–max), {s['decode_tokens']} greedy tokens "
+              f"decoded after the {min(prompts)}-token prompt ({s.get('prompt', 'synthetic ids')}), {s['threads']} threads. "
+              f"Machine: {m['platform']}, {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}; load average "
+              f"at the end {m.get('load_average_at_end')}."]
+    for target in r.get("targets", []):
+        lines.append(f"{target['contender']} ÷ {target['reference']}, decode: {target['decode_ratio']:.3f} "
+                     f"(target ≤ {target['at_most']:.2f}: {'met' if target['met'] else 'not met'}).")
+    for pair, v in r.get("chain_overhead", {}).items():
+        lines.append(f"{pair.replace('/', ' ÷ ')}, decode (the chain's per-call cost on the same kernels): {v['median']:.3f}.")
     if "chain_full_over_monolithic_decode" in r:
         lines.append(f"Chain ÷ monolithic, decode: {r['chain_full_over_monolithic_decode']['median']:.3f}; prefill: "
                      + ", ".join(f"{n} tok {v['median']:.3f}" for n, v in r["chain_full_over_monolithic_prefill"].items()) + ".")
@@ -104,7 +149,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["contenders"]
+    rows = {name: row for name, row in result["contenders"].items() if row.get("status", "ok") == "ok"}
     num_layers = result["num_layers"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     chain = [(row["layers"], row["timings"]["decode"]) for name, row in rows.items()
@@ -123,10 +168,12 @@ def plot(result: dict, path: Path) -> None:
             macs_full = rows["chain_full"]["macs_per_token"]
             ax.plot([x for x, _ in macs], [full * m / macs_full for _, m in macs], ":", color="black",
                     label="ideal: time ∝ MACs (blocks + head)")
-    for name, marker in (("monolithic", "s"), ("transformers", "^")):
-        if name in rows:
-            ax.plot([rows[name]["layers"]], [rows[name]["timings"]["decode"]["median"] * 1e3], marker,
-                    label=f"{name} (full depth)")
+    markers = iter("s^vD<>pPX*hH+x")
+    for name, row in rows.items():
+        if name == "chain_full" or name.startswith(("chain_exit@", "chain_classifier")):
+            continue
+        ax.plot([row["layers"]], [row["timings"]["decode"]["median"] * 1e3], next(markers, "o"),
+                label=f"{name} (full depth)")
     ax.set_xlabel("blocks run per token")
     ax.set_ylabel("decode time per token (ms)")
     ax.set_title(f"{result['model']}: decode time against depth")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..cli_common import ArgumentParser, run_main
 from ..paths import DEFAULT_CALIB_DATA, DEFAULT_MODEL_DIR
-from .quantize import PRECISIONS
+from .quantize import BLOCK_SIZES, NBITS_BLOCK_SIZE, PRECISIONS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,10 +23,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="precision of the block graphs (ONNX Runtime): fp16 keeps norms, softmax and the residual stream "
-                        "in float32; int8-weight is weight-only (MatMulNBits); int8-dynamic quantizes activations per call "
-                        "(MatMulInteger). Default: fp32")
-    p.add_argument("--quantize-heads", action="store_true",
-                   help="convert the embedding and both heads to --precision too (default: they stay fp32)")
+                        "in float32; int8-weight and int4 are 8- and 4-bit weights (MatMulNBits, int8 compute); "
+                        "int8-dynamic quantizes activations per call (MatMulInteger). A converted bundle must keep "
+                        "top-1 agreement and perplexity on held-out text within stated thresholds. Default: fp32")
+    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=NBITS_BLOCK_SIZE,
+                   help=f"MatMulNBits block along K for int8-weight and int4 (default {NBITS_BLOCK_SIZE})")
+    p.add_argument("--quantize-heads", action=argparse.BooleanOptionalAction, default=None,
+                   help="convert the embedding and both heads to --precision too (default: yes for int4, no otherwise)")
     p.add_argument("--monolithic", action="store_true",
                    help="also write the whole model as one ONNX graph with KV cache (model.onnx), the baseline of `adainfer bench`")
     p.add_argument("--generic-blocks", action="store_true",
@@ -49,7 +52,8 @@ def main(argv=None) -> int:
         model_dir = args.model_dir or DEFAULT_MODEL_DIR
         out = args.output or default_bundle_dir(model_dir)
         manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet, monolithic=args.monolithic,
-                          precision=args.precision, quantize_heads=args.quantize_heads, fused=not args.generic_blocks)
+                          precision=args.precision, quantize_heads=args.quantize_heads, fused=not args.generic_blocks,
+                          block_size=args.block_size)
         print(f"wrote {out}: {manifest.family} ({manifest.model_type}), {manifest.num_layers} blocks, "
               f"hidden {manifest.hidden_size}, vocab {manifest.vocab_size}")
         data = args.calib or (DEFAULT_CALIB_DATA if args.model_dir is None and not args.no_calib else None)

@@ -9,15 +9,28 @@ outputs stay float32 (and int64), so the runtime and the KV cache are unchanged.
 | `fp16`         | weight MatMuls/Gemms (and the embedding Gather) run in float16 with float16    |
 |                | weights, between Casts; norms, rotary, softmax, the residual stream            |
 |                | and every graph input/output stay float32                                     |
-| `int8-weight`  | weight-only: MatMuls with constant weights become `MatMulNBits` (8 bits,       |
-|                | symmetric, blocks of 32 along K); the embedding table becomes 8-bit +         |
-|                | `DequantizeLinear`; activations stay float32                                   |
+| `int8-weight`  | MatMuls with constant weights become `MatMulNBits` (8 bits, symmetric,        |
+|                | blocks along K, int8 compute: `accuracy_level` 4); the embedding table        |
+|                | becomes 8-bit + `DequantizeLinear`                                             |
+| `int4`         | MatMuls become `MatMulNBits` (4 bits, symmetric, blocks along K, int8         |
+|                | compute), as onnxruntime-genai's int4; the embedding (with the heads)         |
+|                | becomes `GatherBlockQuantized` (4 bits, blocks along the hidden axis)         |
 | `int8-dynamic` | `quantize_dynamic`: weights int8 per output channel, activations quantized     |
 |                | per call (`DynamicQuantizeLinear` -> `MatMulInteger`); only MatMuls with a     |
 |                | constant B (attention scores stay float32)                                    |
 
-For the int8 precisions a Gemm with a constant B (GPT-2's Conv1D) is first rewritten as
+For the integer precisions a Gemm with a constant B (GPT-2's Conv1D) is first rewritten as
 MatMul + Add, since neither quantizer converts Gemm.
+
+Why `accuracy_level` 4 (int8 compute): ONNX Runtime's CPU `MatMulNBits` kernel
+(contrib_ops/cpu/quantization/matmul_nbits.cc) picks MLAS's `SQNBIT_CompInt8` only for accuracy
+level 4; otherwise it asks for `SQNBIT_CompFp32`, which MLAS implements on x86 for 4 bits but not
+for 8 bits, so an 8-bit node without level 4 is never prepacked and falls back to
+`ComputeBUnpacked`: the whole weight matrix dequantized to float32 on every call, then SGEMM.
+Measured on this 2-core AVX2 EPYC, one 576x1536 MatMul, one row (`tools/nbits_micro.py`): fp32
+85 us, 8-bit level 0 7530 us, 8-bit level 4 67 us, 4-bit level 0 215 us, 4-bit level 4 61 us.
+The quantized activations cost accuracy (blockwise int8 of each row): measured, not assumed,
+by the export's quality check (`quality.py`).
 """
 
 from __future__ import annotations
@@ -34,30 +47,45 @@ import onnx
 from ..errors import ExportError
 from .graph_files import save_graph
 
-PRECISIONS = ("fp32", "fp16", "int8-weight", "int8-dynamic")
-#: block size along K of the 8-bit weight-only MatMulNBits
+PRECISIONS = ("fp32", "fp16", "int8-weight", "int8-dynamic", "int4")
+#: bits of the weight-only MatMulNBits precisions
+NBITS = {"int8-weight": 8, "int4": 4}
+#: default block size along K of MatMulNBits (onnxruntime-genai's int4 default); powers of two >= 16 work
 NBITS_BLOCK_SIZE = 32
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+#: MatMulNBits accuracy_level: 4 = activations quantized to int8 per block, int32 accumulation (see above)
+ACCURACY_LEVEL = 4
 #: op types that carry weights and are converted; everything else stays float32
 WEIGHT_OPS = ("MatMul", "Gemm", "Gather")
 
-
-#: stated verification tolerances, relative to the reference's largest magnitude (floor 1), as in
-#: `verify.TOLERANCE` (1e-4 for float32): "graph" for each converted graph against its PyTorch
-#: module on random inputs, "chain" for the bundle's last-position logits against transformers.
-#: They catch a broken conversion, not a small loss of quality (tools/quant_study.py measures
-#: that); seen on stories260K: chain 5e-4 (fp16), 1.2e-2 (int8-weight), 7e-2 (int8-dynamic).
-TOLERANCES = {
-    "fp32": {"graph": 1e-4, "chain": 1e-4},
-    "fp16": {"graph": 2e-3, "chain": 1e-2},
-    "int8-weight": {"graph": 5e-2, "chain": 5e-2},
-    "int8-dynamic": {"graph": 1e-1, "chain": 2e-1},
-}
+#: precisions whose embedding and heads are converted too unless asked otherwise (see heads_by_default)
+HEADS_BY_DEFAULT = ("int4",)
 
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     return precision
+
+
+def heads_by_default(precision: str) -> bool:
+    """int4 converts the embedding and heads too, as onnxruntime-genai does: at 4 bits the float32 LM head
+    (hidden x vocab) would be read every token and outweigh all the blocks (SmolLM2: 113 MB vs ~60 MB)."""
+    return precision in HEADS_BY_DEFAULT
+
+
+def check_block_size(block_size: int) -> int:
+    if block_size not in BLOCK_SIZES:
+        raise ExportError(f"unsupported block size {block_size} (choose from {', '.join(map(str, BLOCK_SIZES))})")
+    return block_size
+
+
+def nbits_settings(precision: str, block_size: int = NBITS_BLOCK_SIZE) -> dict:
+    """What the manifest records for a MatMulNBits precision ({} for the others)."""
+    if precision not in NBITS:
+        return {}
+    return {"bits": NBITS[precision], "block_size": check_block_size(block_size), "accuracy_level": ACCURACY_LEVEL,
+            "symmetric": True}
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -173,21 +201,32 @@ def _to_int8_dynamic(src: Path, dst: Path, model: onnx.ModelProto) -> None:
                      weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
 
 
-def _to_int8_weight(src: Path, dst: Path, model: onnx.ModelProto) -> onnx.ModelProto:
+def _to_nbits(src: Path, dst: Path, model: onnx.ModelProto, bits: int, block_size: int) -> onnx.ModelProto:
+    """Weight MatMuls -> MatMulNBits (`bits`, symmetric, int8 compute), except weights already on a GGUF grid,
+    re-encoded exactly (`gguf_grid.py`); the embedding Gather -> an 8-bit table + DequantizeLinear (8 bits) or
+    GatherBlockQuantized (4 bits, blocks along the hidden axis)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    matmuls = [n.name for n in weight_nodes(model) if n.op_type == "MatMul"]
+    from .gguf_grid import OFFSET_SUFFIX, encode_exact
+
+    if bits == 4:  # a GGUF Q4_1 / Q8_0 source: keep its own weights instead of rounding them again
+        model = encode_exact(model, weight_nodes(model), block_size, ACCURACY_LEVEL)
+    matmuls = [n.name for n in weight_nodes(model) if n.op_type == "MatMul" and not n.name.endswith(OFFSET_SUFFIX)]
     gathers = [n.name for n in weight_nodes(model) if n.op_type == "Gather"]
-    if gathers:  # an int8 table + DequantizeLinear after the Gather: weight-only by construction
+    if gathers and bits == 8:  # an int8 table + DequantizeLinear after the Gather: weight-only by construction
         quantize_dynamic(src, dst, op_types_to_quantize=["Gather"], nodes_to_quantize=gathers,
                          weight_type=QuantType.QInt8)
         model = _named(onnx.load(str(dst)))
-    if matmuls:
-        config = DefaultWeightOnlyQuantConfig(block_size=NBITS_BLOCK_SIZE, is_symmetric=True, bits=8,
-                                              op_types_to_quantize=("MatMul",))
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=NBITS_BLOCK_SIZE, is_symmetric=True,
-                                         nodes_to_include=matmuls, op_types_to_quantize=("MatMul",), algo_config=config)
+        gathers = []
+    op_types = ("MatMul", "Gather") if gathers else ("MatMul",)
+    if matmuls or gathers:
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=bits,
+                                              accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=op_types,
+                                              quant_axes=(("MatMul", 0), ("Gather", 1)))
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=ACCURACY_LEVEL, nodes_to_include=matmuls + gathers,
+                                         op_types_to_quantize=op_types, algo_config=config)
         quantizer.process()
         model = quantizer.model.model
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -214,20 +253,24 @@ def _quiet():
         logging.disable(disabled)
 
 
-def convert(src: Path, dst: Path, precision: str, external_data_threshold: int = 1 << 30) -> None:
+def convert(src: Path, dst: Path, precision: str, external_data_threshold: int = 1 << 30,
+            block_size: int = NBITS_BLOCK_SIZE) -> None:
     """Write `src` (a float32 graph) to `dst` at `precision`; `src` and `dst` may be the same file.
+
+    `block_size`: MatMulNBits block along K (int8-weight, int4).
 
     `dst` keeps its weights in `<dst name>.data` (ONNX external data) when they exceed
     `external_data_threshold`; a `.data` file of `src` that `dst` no longer uses is removed.
     """
     check_precision(precision)
+    check_block_size(block_size)
     src, dst = Path(src), Path(dst)
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as scratch:
         scratch = Path(scratch)
         named_src = scratch / "src.onnx"
         out = scratch / "out.onnx"
         model = _named(onnx.load(str(src)))
-        if precision.startswith("int8"):
+        if precision.startswith("int"):
             model = gemm_to_matmul(model)
         onnx.save_model(model, str(named_src), save_as_external_data=True, location="src.onnx.data", size_threshold=1024)
         model = onnx.load(str(named_src))  # saving moved the weights out of `model`: read them back
@@ -241,7 +284,7 @@ def convert(src: Path, dst: Path, precision: str, external_data_threshold: int =
                     _to_int8_dynamic(named_src, out, model)
                     result = onnx.load(str(out))
                 else:
-                    result = _to_int8_weight(named_src, out, model)
+                    result = _to_nbits(named_src, out, model, NBITS[precision], block_size)
             weight_bytes = sum(len(t.raw_data) for t in result.graph.initializer)
             for stale in (src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")):
                 stale.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from ..errors import ExportError
 from ..manifest import SCHEMA_VERSION, ExporterInfo, GraphSpec, Macs, Manifest, ModelSource, TensorSpec, file_spec, sha256_of
 from ..paths import DEFAULT_MODEL_DIR
 from . import monolithic as whole_model
-from . import gguf_source, quantize, staging
+from . import convert, gguf_source, quantize, staging
 from .families import FamilyAdapter, adapter_class_for, adapter_for
 from .graph_files import save_graph
 from .graphs import GraphDef, graph_defs
@@ -97,9 +97,10 @@ def export(
     verify: bool = True,
     progress: bool = True,
     precision: str = "fp32",
-    quantize_heads: bool = False,
+    quantize_heads: Optional[bool] = None,
     monolithic: bool = False,
     fused: bool = True,
+    block_size: int = quantize.NBITS_BLOCK_SIZE,
 ) -> Manifest:
     """Export a model (the bundled stories260K by default) to a bundle directory.
 
@@ -107,13 +108,14 @@ def export(
     a GGUF is dequantized to float32 in a temporary directory first (`gguf_source`) and the
     manifest records it under `source`."""
     quantize.check_precision(precision)
+    quantize.check_block_size(block_size)
     model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
     gguf = gguf_source.find_gguf(model_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_bundle_dir(model_dir)
     staging.check_not_inside(out_dir, model_dir)
     staging.check_target(out_dir, force)
     options = dict(force=force, verify=verify, progress=progress, precision=precision, quantize_heads=quantize_heads,
-                   monolithic=monolithic, fused=fused)
+                   monolithic=monolithic, fused=fused, block_size=block_size)
     if gguf is None:
         return export_model(load_model(model_dir), out_dir, model_dir=model_dir, **options)
     header = gguf_source.read_header(gguf)  # refuses an unsupported architecture or a damaged file first
@@ -141,10 +143,11 @@ def export_model(
     progress: bool = False,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     precision: str = "fp32",
-    quantize_heads: bool = False,
+    quantize_heads: Optional[bool] = None,
     monolithic: bool = False,
     source: Optional[ModelSource] = None,
     fused: bool = True,
+    block_size: int = quantize.NBITS_BLOCK_SIZE,
 ) -> Manifest:
     """Export an already loaded `transformers` model; `model_dir` supplies tokenizer and config files.
 
@@ -152,11 +155,15 @@ def export_model(
     way (`FamilyAdapter.fused_block`); False traces every block (standard ONNX ops: TensorRT).
 
     `precision` other than fp32 converts the block and kv_fill graphs (and with `quantize_heads` the embedding
-    and heads) after the float32 bundle was exported and verified, then verifies them again at
-    the looser tolerance `quantize.TOLERANCES` states. `monolithic` also writes the whole model as
+    and heads; None: the precision's default, `quantize.HEADS_BY_DEFAULT`) after the float32 bundle was
+    exported and verified, checks each converted graph's structure and the chain's top-1 agreement and
+    perplexity on held-out text against the thresholds `quality.THRESHOLDS` states. `block_size`: the
+    MatMulNBits block (int8-weight, int4), recorded in the manifest. `monolithic` also writes the whole model as
     one graph, `model.onnx` (see `monolithic.py`), the baseline `adainfer bench` compares with.
     """
     quantize.check_precision(precision)
+    quantize.check_block_size(block_size)
+    quantize_heads = quantize.heads_by_default(precision) if quantize_heads is None else quantize_heads
     out_dir = Path(out_dir)
     staging.check_not_inside(out_dir, model_dir)
     staging.check_target(out_dir, force)
@@ -177,38 +184,8 @@ def export_model(
         if monolithic:
             manifest = whole_model.add_to_bundle(model, adapter, tmp, manifest, verify, external_data_threshold)
         if precision != "fp32":
-            manifest = _quantize_graphs(model, adapter, tmp, manifest, precision, quantize_heads, verify, external_data_threshold)
-    return manifest
-
-
-def _quantize_graphs(model, adapter: FamilyAdapter, tmp: Path, manifest: Manifest, precision: str, heads: bool,
-                     verify: bool, threshold: int) -> Manifest:
-    """Convert the verified float32 graphs in place, re-verify them, rewrite the manifest."""
-    defs = {gdef.name: gdef for gdef in graph_defs(adapter)}
-    graphs = dict(manifest.graphs)
-    tolerance = quantize.TOLERANCES[precision]
-    converted = set()
-    for name, spec in manifest.graphs.items():
-        if not (name in manifest.block_names or name.startswith("kv_fill_")
-                or (heads and name in ("embed", "exit_head", "final_head"))):
-            continue
-        converted.add(name)
-        path = tmp / spec.file
-        quantize.convert(path, path, precision, external_data_threshold=threshold)
-        if verify:
-            with torch.no_grad():
-                verify_graph(defs[name], path, tolerance=tolerance["graph"])
-        graphs[name] = dataclasses.replace(_graph_spec(path), precision=precision)
-    info = {"precision": precision, "quantize_heads": heads, "tolerance": tolerance, "verified": verify,
-            "onnxruntime": quantize.ort_version()}
-    files = {k: v for k, v in manifest.files.items() if k != "shared_weights"}
-    graphs, files = _share(adapter, tmp, graphs, files, False, threshold)
-    graphs = {name: dataclasses.replace(spec, precision=manifest.graphs[name].precision if name not in converted
-                                        else precision) for name, spec in graphs.items()}
-    manifest = dataclasses.replace(manifest, graphs=graphs, files=files, extras={**manifest.extras, "quantization": info})
-    manifest.save(tmp)
-    if verify:
-        verify_against_transformers(model, tmp, tolerance=tolerance["chain"])
+            manifest = convert.quantize_graphs(model, tmp, manifest, precision, quantize_heads, verify,
+                                               external_data_threshold, block_size)
     return manifest
 
 

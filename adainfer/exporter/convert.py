@@ -1,0 +1,85 @@
+"""A verified float32 bundle converted to another precision: graphs, checks, manifest.
+
+Used by the export (`export_model(..., precision=...)`, inside its staging directory) and on its own
+(`convert_bundle`: an existing float32 bundle copied into a new one at another precision, without
+exporting from PyTorch again; the bench and the tests convert one float32 export several ways).
+Every converted graph gets the structural check (`verify.verify_graph_structure`); the converted
+chain must keep top-1 agreement and perplexity on held-out text within `quality.THRESHOLDS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..manifest import Manifest
+from . import quality, quantize, staging
+from .families import adapter_for
+from .graphs import graph_defs
+from .verify import verify_graph_structure
+
+def quantize_graphs(model, tmp: Path, manifest: Manifest, precision: str, heads: bool, verify: bool,
+                    threshold: int, block_size: int) -> Manifest:
+    """Convert the verified float32 graphs of the bundle in `tmp` in place, check each one's structure, judge
+    the converted chain's quality on held-out text against `model` (float32), rewrite the manifest."""
+    from .writer import _graph_spec, _share
+
+    defs = {gdef.name: gdef for gdef in graph_defs(adapter_for(model))}
+    graphs = dict(manifest.graphs)
+    for name, spec in manifest.graphs.items():
+        if not (name in manifest.block_names or name.startswith("kv_fill_")
+                or (heads and name in ("embed", "exit_head", "final_head"))):
+            continue
+        path = tmp / spec.file
+        quantize.convert(path, path, precision, external_data_threshold=threshold, block_size=block_size)
+        if verify:
+            with torch.no_grad():
+                verify_graph_structure(defs[name], path)
+        graphs[name] = dataclasses.replace(_graph_spec(path), precision=precision)
+    info = {"precision": precision, "quantize_heads": heads, **quantize.nbits_settings(precision, block_size),
+            "verified": verify, "onnxruntime": quantize.ort_version()}
+    # the converted graphs hold their weights inline again: store what several of them hold once more
+    files = {k: v for k, v in manifest.files.items() if k != "shared_weights"}
+    graphs, files = _share(adapter_for(model), tmp, graphs, files, False, threshold)
+    manifest = dataclasses.replace(manifest, graphs=graphs, files=files, extras={**manifest.extras, "quantization": info})
+    manifest.save(tmp)
+    if verify:
+        tokenizer = tmp / "tokenizer.json"
+        sequences = quality.held_out_sequences(tokenizer if tokenizer.is_file() else None, manifest.vocab_size,
+                                               manifest.bos_token_id)
+        result = quality.check(precision, quality.measure(tmp, sequences, quality.torch_reference(model, sequences)))
+        manifest = dataclasses.replace(manifest, extras={**manifest.extras, "quantization": {**info, "quality": result}})
+        manifest.save(tmp)
+    return manifest
+
+
+def convert_bundle(model, src: Path, out_dir: Path, precision: str, *, quantize_heads: Optional[bool] = None,
+                   block_size: int = quantize.NBITS_BLOCK_SIZE, force: bool = False, verify: bool = True,
+                   external_data_threshold: int = 1 << 30) -> Manifest:
+    """Write `out_dir`: the float32 bundle `src` (exported from `model`) at `precision`, checked as an export is."""
+    from ..errors import ExportError
+    from ..manifest import Manifest
+
+    quantize.check_precision(precision)
+    quantize.check_block_size(block_size)
+    heads = quantize.heads_by_default(precision) if quantize_heads is None else quantize_heads
+    manifest = Manifest.load(src)
+    if any(g.precision != "fp32" for g in manifest.graphs.values()):
+        raise ExportError(f"{src} is not a float32 bundle")
+    staging.check_target(Path(out_dir), force)
+    with staging.staged_directory(Path(out_dir), force=force) as tmp:
+        # the graphs and model files; not the attachments (model.onnx, a calibrated exit): they belong to float32
+        names = [f.file for f in manifest.files.values()]
+        for graph in manifest.graphs.values():
+            names += [graph.file] + [d.file for d in graph.data_files]
+        for name in names:
+            shutil.copyfile(Path(src) / name, tmp / name)
+        manifest = dataclasses.replace(manifest, attachments={})
+        manifest.save(tmp)
+        manifest = quantize_graphs(model.eval().float(), tmp, manifest, precision, heads, verify,
+                                   external_data_threshold, block_size)
+    return manifest
