@@ -54,7 +54,8 @@ def test_int8_dynamic_graphs_hold_integer_matmuls(bundles, stories_bundle):
     # q, k, v, o, gate, up, down: the seven Linear layers (MatMul on transposed weights) are quantized
     assert ops["MatMulInteger"] == 7 and ops["DynamicQuantizeLinear"] >= 1
     assert _float_weight_matmuls(block) == 0
-    assert ops["MatMul"] == 2  # attention scores and attention x values stay float32 (two activations)
+    # attention (scores, weights x values) runs inside the fused GroupQueryAttention, in float32
+    assert ops["MatMul"] == 0 and ops["GroupQueryAttention"] == 1
     weights = {t.name: t for t in onnx.load(str(block)).graph.initializer}
     scales = [t for name, t in weights.items() if name.endswith("_scale") and len(t.dims) == 1 and t.dims[0] > 1]
     assert len(scales) == 7  # one scale per output channel
