@@ -32,7 +32,8 @@ def register(sub) -> None:
     p.add_argument("--max-accuracy-drop", type=float, default=0.01,
                    help="--label gold: held-out accuracy may be at most this far below full depth's")
     p.add_argument("--margin-z", type=float, default=1.0,
-                   help="the goal must hold for the lower end of a Wilson interval with this z (0: point estimate)")
+                   help="--label gold: the accuracy goal must hold for the lower end of a Wilson interval with this z "
+                        "(0: point estimate); --label final goals follow the evidence rule (calib/evidence.py)")
     p.add_argument("--holdout", type=float, default=0.3, help="fraction of documents held out")
     p.add_argument("--rank", type=int, default=None, help="rank of the low-rank exit head (default hidden/4)")
     p.add_argument("--variant", default="auto",
