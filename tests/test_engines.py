@@ -325,13 +325,17 @@ def test_decider_profile_is_rows_up_to_max_batch(calibrated_bundles, tmp_path):
     manifest = Manifest.load(bundle)
     policy, folded, _ = bundle_folded_policy(bundle, manifest)
     spec = write_decider(folded, policy, manifest.hidden_size, tmp_path / "d.onnx")
-    assert [t.name for t in spec.inputs] == ["hidden_states", "previous_hidden_states", "layer_frac"]
+    # which inputs depend on the features the calibration chose: the hidden state always (full head)
+    extra = [f for f in policy.features if f not in ("gap", "top_prob")]
+    wanted = ["hidden_states"] + (["previous_hidden_states"] if {"cos_prev", "norm_ratio"} & set(extra) else []) \
+        + (["layer_frac"] if "layer_frac" in extra else [])
+    assert [t.name for t in spec.inputs] == wanted
     assert [t.name for t in spec.outputs] == ["top1_id", "score"]
     (profile,) = graph_profiles(DECIDER, spec, BuildOptions(max_batch=3, max_seq=32, max_context=64).resolved(manifest))
     h = manifest.hidden_size
     assert profile.name == "decider"
-    assert profile.shapes == {"hidden_states": ((1, h), (1, h), (3, h)), "previous_hidden_states": ((1, h), (1, h), (3, h)),
-                              "layer_frac": ((1, 1), (1, 1), (3, 1))}
+    widths = {"hidden_states": h, "previous_hidden_states": h, "layer_frac": 1}
+    assert profile.shapes == {name: ((1, widths[name]), (1, widths[name]), (3, widths[name])) for name in wanted}
 
 
 def test_recipes_only_on_a_calibrated_bundle_build_the_decider(tmp_path, calibrated_bundles):
@@ -342,10 +346,21 @@ def test_recipes_only_on_a_calibrated_bundle_build_the_decider(tmp_path, calibra
     assert code == 0, stderr
     commands = [c for c in (out / "trtexec.sh").read_text().split("\n\n") if c.startswith("trtexec")]
     decider = next(c for c in commands if "--onnx=exit_decider.onnx" in c)
-    assert "--minShapes=hidden_states:1x64,previous_hidden_states:1x64,layer_frac:1x1" in decider
-    assert "--maxShapes=hidden_states:2x64,previous_hidden_states:2x64,layer_frac:2x1" in decider
+    from adainfer.runtime.exit_policy import ExitPolicy
+
+    policy = ExitPolicy.load(calibrated_bundles["full-head"] / "exit_policy.json")
+    extra = [f for f in policy.features if f not in ("gap", "top_prob")]
+    wanted = {"hidden_states": 64}
+    if {"cos_prev", "norm_ratio"} & set(extra):
+        wanted["previous_hidden_states"] = 64
+    if "layer_frac" in extra:
+        wanted["layer_frac"] = 1
+    assert "--minShapes=" + ",".join(f"{n}:1x{w}" for n, w in wanted.items()) + " \\" in decider
+    assert "--maxShapes=" + ",".join(f"{n}:2x{w}" for n, w in wanted.items()) + " \\" in decider
     assert "--fp16" in decider and "--int8" not in decider  # no int8 calibration data for the decider
-    assert "adainfer_decider/_cos_prev:fp32" in decider and "/Softmax:fp32" in decider
+    assert "/Softmax:fp32" in decider
+    if "cos_prev" in extra:
+        assert "adainfer_decider/_cos_prev:fp32" in decider
     assert (out / "exit_decider.onnx").is_file()
 
 

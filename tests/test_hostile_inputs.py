@@ -375,7 +375,7 @@ ROWS: list[Row] = [
     Row("export: output exists, no --force", ["adainfer-export", "-o", "{B}", "--quiet"], 2, "already exists"),
     Row("export: --force onto a non-bundle", ["adainfer-export", "-o", "{T}", "--force", "--quiet"], 2,
         "it is not a bundle (no manifest.json)", setup=lambda b, t: (t / "notes.txt").write_text("keep me")),
-    Row("export: unknown precision", ["adainfer-export", "-o", "{T}/out", "--precision", "int4"], 2, "invalid choice: 'int4'"),
+    Row("export: unknown precision", ["adainfer-export", "-o", "{T}/out", "--precision", "int3"], 2, "invalid choice: 'int3'"),
     Row("export: pickled weights are never unpickled", ["adainfer-export", "{T}/model", "-o", "{T}/out", "--quiet"], 2,
         "no .safetensors weights (pickled checkpoints are not loaded)",
         setup=lambda b, t: model_dir_with(t, pickle_weights)),
