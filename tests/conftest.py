@@ -180,3 +180,14 @@ def smollm2_bundle(smollm2_gguf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "smollm2"
     export(smollm2_gguf, out, progress=False)
     return out
+
+
+def run_in_threads(worker, count: int, timeout: float) -> None:
+    """Start `worker(i)` for i in range(count) in threads at once and wait for them all."""
+    import threading
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import adainfer.runtime as rt
-from conftest import make_classifier, put_policy
+from conftest import make_classifier, put_policy, run_in_threads
 
 #: (prompt, options): greedy and seeded sampling, over the three modes
 JOBS = [
@@ -76,11 +76,7 @@ def test_eight_threads_over_all_modes(bundle):
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(JOBS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    run_in_threads(worker, len(JOBS), timeout=300)
     assert not errors, errors
     for index, want in expected.items():
         assert results[index] == [want] * rounds, JOBS[index]

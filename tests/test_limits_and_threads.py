@@ -11,6 +11,7 @@ import pytest
 import adainfer.runtime as rt
 from adainfer.errors import InputError
 from adainfer.runtime.limits import fit_prompt
+from conftest import run_in_threads
 
 LONG = "Once upon a time there was a cat. " * 80  # ~ 800 tokens > 512 positions
 
@@ -87,11 +88,7 @@ def test_threads_share_one_bundle_without_mixing_caches(model):
         except BaseException as exc:  # reported below, with the thread's failure
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(JOBS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    run_in_threads(worker, len(JOBS), timeout=120)
     assert not errors, errors
     for index, want in enumerate(expected):
         assert results[index] == [want] * rounds, JOBS[index]
