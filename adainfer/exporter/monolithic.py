@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .families import FamilyAdapter
+from .graph_export import export_graph
 from .graphs import GraphDef, example_block_inputs
 from .verify import _close
 
@@ -74,10 +75,8 @@ def graph_def(adapter: FamilyAdapter, seed: int = 0) -> GraphDef:
 
 def write(adapter: FamilyAdapter, bundle_dir: Path, threshold: int) -> list[str]:
     """Export `model.onnx` (with `model.onnx.data` above `threshold` bytes of weights); returns the files written."""
-    from .writer import _export_one
-
     path = Path(bundle_dir) / FILE
-    _export_one(graph_def(adapter), path, threshold)
+    export_graph(graph_def(adapter), path, threshold)
     data = path.with_name(path.name + ".data")
     return [FILE] + ([data.name] if data.exists() else [])
 

@@ -26,14 +26,13 @@ from ..paths import DEFAULT_MODEL_DIR
 from . import monolithic as whole_model
 from . import convert, gguf_source, quantize, staging
 from .families import FamilyAdapter, adapter_class_for, adapter_for
-from .graph_files import save_graph
+from .graph_export import OPSET, export_graph as _export_one
 from .graphs import GraphDef, graph_defs
 from .loading import check_loading_info
 from .shared_weights import share_weights
 from .tokenizer_check import check_tokenizer_fits
 from .verify import verify_against_transformers, verify_graph
 
-OPSET = 17
 #: graphs whose weights exceed this are saved with ONNX external data (protobuf's limit is 2 GiB)
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 #: files copied from the model directory when present
@@ -218,39 +217,6 @@ def _export_graphs(adapter: FamilyAdapter, tmp: Path, verify: bool, progress: bo
         specs[gdef.name] = _graph_spec(path)
         staging.checkpoint(gdef.name)  # test hook (ADAINFER_TEST_KILL_AT / _PAUSE_AT), else a no-op
     return specs
-
-
-def _export_one(gdef: GraphDef, path: Path, threshold: int) -> None:
-    """Export one graph; large ones keep their weights in `<name>.onnx.data` (ONNX external data)."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in gdef.module.parameters())
-    if gdef.build is not None:  # written directly (fused operators), not traced
-        try:
-            save_graph(gdef.build(), path, weight_bytes, threshold)
-        except Exception as exc:
-            raise ExportError(f"writing {gdef.name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        return
-    scratch = path.parent / f".scratch-{gdef.name}"
-    scratch.mkdir()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                gdef.module,
-                tuple(gdef.inputs.values()),
-                str(scratch / "graph.onnx"),
-                input_names=list(gdef.inputs),
-                output_names=gdef.outputs,
-                dynamic_axes=gdef.dynamic_axes,
-                opset_version=OPSET,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        model = onnx.load(str(scratch / "graph.onnx"))
-        save_graph(model, path, weight_bytes, threshold)
-    except Exception as exc:
-        raise ExportError(f"exporting {gdef.name} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _tensor_specs(values) -> list[TensorSpec]:
