@@ -21,6 +21,7 @@ import numpy as np
 
 from ..accounting import TokenCost, fill_macs, token_cost
 from ..errors import BundleError
+from . import chain
 from .exit_policy import ExitPolicy
 from .sampling import choose_token, distribution
 
@@ -51,37 +52,6 @@ class Sampler:
         return distribution(logits, self.temperature, self.top_p)
 
 
-def fork(state):
-    """A copy of a decode state whose arrays are shared until replaced (the chain never writes in place)."""
-    from .model import DecodeState
-
-    return DecodeState(keys=list(state.keys), values=list(state.values), attention_mask=state.attention_mask.copy(),
-                       next_position=state.next_position.copy(), complete_layers=state.complete_layers)
-
-
-def truncate(state, length: int) -> None:
-    """Roll the cache back to its first `length` positions (batch of one)."""
-    removed = state.length - length
-    state.keys = [k[:, :, :length] for k in state.keys]
-    state.values = [v[:, :, :length] for v in state.values]
-    state.attention_mask = state.attention_mask[:, :length]
-    state.next_position = state.next_position - removed
-
-
-def fill_skipped(model, state, run) -> None:
-    """Give layers exit+1 .. L the exit state's keys and values (they never ran for these tokens)."""
-    if hasattr(model, "fill_skipped"):  # the tensorrt backend fills its device-side cache itself
-        model.fill_skipped(state, run)
-        return
-    if not model.has_kv_fill:
-        raise BundleError("this bundle has no kv_fill graphs (re-export it to generate with early exit)")
-    for layer in range(run.exit_layer + 1, model.num_layers + 1):
-        key, value = model.kv_fill(layer, run.hidden, run.position_ids)
-        state.keys[layer - 1] = np.concatenate([state.keys[layer - 1], key], axis=2)
-        state.values[layer - 1] = np.concatenate([state.values[layer - 1], value], axis=2)
-    state.complete_layers = model.num_layers
-
-
 class FullDecoder:
     def __init__(self, model, sampler: Sampler):
         self.model, self.sampler = model, sampler
@@ -90,11 +60,14 @@ class FullDecoder:
     def run(self, ids: Sequence[int]) -> Iterator[Emission]:
         model = self.model
         state, logits = model.start([ids])
-        while True:
-            token = self.sampler.choose(logits[0])
-            cost = token_cost(model.manifest, self.never, model.num_layers, state.length)
-            yield Emission(token, model.num_layers, cost.total, 0)
-            logits = model.step(state, [token])
+        try:
+            while True:
+                token = self.sampler.choose(logits[0])
+                cost = token_cost(model.manifest, self.never, model.num_layers, state.length)
+                yield Emission(token, model.num_layers, cost.total, 0)
+                logits = model.step(state, [token])
+        finally:
+            state.close()
 
 
 class EarlyExitDecoder:
@@ -109,19 +82,21 @@ class EarlyExitDecoder:
         cost = token_cost(model.manifest, ExitPolicy.never(), model.num_layers, state.length)
         layers = model.num_layers
         decision = 0
-        while True:
-            token = self.sampler.choose(logits[0])
-            yield Emission(token, layers, cost.total, decision)
-            logits, layers, cost = self.step(state, token)
-            decision = cost.decisions
+        try:
+            while True:
+                token = self.sampler.choose(logits[0])
+                yield Emission(token, layers, cost.total, decision)
+                logits, layers, cost = self.step(state, token)
+                decision = cost.decisions
+        finally:
+            state.close()
 
     def step(self, state, token: int):
-        model = self.model
+        model, backend = self.model, self.model.backend
         ids = np.array([[token]], dtype=np.int64)
-        run = model.run_layers(ids, state, np.ones_like(ids), self.decider)
-        if run.exit_layer < model.num_layers:
-            fill_skipped(model, state, run)
-        logits = model.final_logits(run.hidden[:, -1, :])  # the head runs once more: charged below
+        run = chain.run_layers(backend, ids, state, np.ones_like(ids), self.decider)
+        chain.fill_skipped(backend, state, run)
+        logits = chain.last_logits(backend, run)  # the head runs once more: charged below
         cost = token_cost(model.manifest, self.decider.policy, run.exit_layer, state.length)
         cost = TokenCost(cost.blocks, cost.decisions, model.manifest.macs.final_head, fill_macs(model.manifest, run.exit_layer))
         return logits, run.exit_layer, cost
@@ -160,7 +135,7 @@ class SpeculativeDecoder:
 
         If the very first draft step runs full depth, nothing in it was approximate: its cache and
         logits are the full model's, returned as `exact` = (state, logits) so no verification is needed."""
-        state = fork(self.state)
+        state = self.state.fork()
         tokens, dists, macs, decisions, layers = [], [], 0.0, 0.0, 0
         exact = None
         for _ in range(self.draft_length):
@@ -175,6 +150,8 @@ class SpeculativeDecoder:
             dists.append(self.sampler.distribution(logits[0]))
             token = self._sample(dists[-1], logits[0])
             tokens.append(token)
+        if exact is None:
+            state.close()  # the drafts' cache: verification runs on the verified one
         return tokens, dists, macs, decisions, layers, exact
 
     def _sample(self, probs: np.ndarray, logits: np.ndarray) -> int:
@@ -185,8 +162,8 @@ class SpeculativeDecoder:
     def verify(self, token: int, drafts: list[int]) -> np.ndarray:
         """One full-depth forward over [token] + drafts on the verified cache; logits at every position."""
         ids = np.array([[token, *drafts]], dtype=np.int64)
-        run = self.model.run_layers(ids, self.state, np.ones_like(ids))
-        return self.model.final_logits(run.hidden[0])
+        backend = self.model.backend
+        return chain.all_logits(backend, chain.run_layers(backend, ids, self.state, np.ones_like(ids)))
 
     def accept(self, drafts: list[int], dists: list[np.ndarray], logits: np.ndarray) -> tuple[int, int]:
         """(number of drafts accepted, the next token from the full model)."""
@@ -206,8 +183,14 @@ class SpeculativeDecoder:
         return len(drafts), self.sampler.choose(logits[len(drafts)])
 
     def run(self, ids: Sequence[int]) -> Iterator[Emission]:
+        self.state, logits = self.model.start([ids])
+        try:
+            yield from self._rounds(logits)
+        finally:
+            self.state.close()
+
+    def _rounds(self, logits: np.ndarray) -> Iterator[Emission]:
         model = self.model
-        self.state, logits = model.start([ids])
         token = self.sampler.choose(logits[0])
         yield Emission(token, model.num_layers, token_cost(model.manifest, ExitPolicy.never(), model.num_layers,
                                                            self.state.length).total, 0)
@@ -222,6 +205,7 @@ class SpeculativeDecoder:
                 continue
             drafts, dists, macs, decisions, layers, exact = self.draft(token)
             if exact is not None:  # a plain full-depth step: adopt it
+                self.state.close()
                 self.state, logits = exact
                 token = self.sampler.choose(logits[0])
                 self._adapt(gained=False)
@@ -237,7 +221,7 @@ class SpeculativeDecoder:
                 self.rejected_rounds += 1
             if accepted == 0 or accepted == len(drafts):
                 self._adapt(gained=accepted > 0)
-            truncate(self.state, verified_length - (len(drafts) - accepted))  # drop rejected drafts' entries
+            self.state.truncate(verified_length - (len(drafts) - accepted))  # drop rejected drafts' entries
             context = verified_length
             verify_macs = sum(token_cost(model.manifest, ExitPolicy.never(), model.num_layers, context - j).total
                               for j in range(len(drafts) + 1))
@@ -271,14 +255,3 @@ def make_decoder(model, mode: str, sampler: Sampler, decider=None, max_draft: in
     if mode == "speculative":
         return SpeculativeDecoder(model, sampler, decider, max_draft)
     raise BundleError(f"unknown mode {mode!r}; choose {', '.join(MODES)}")
-
-
-def greedy_reference(model, ids: Sequence[int], count: int) -> list[int]:
-    """Full-depth greedy tokens (for agreement measurements)."""
-    decoder = FullDecoder(model, Sampler(0.0, 1.0, np.random.default_rng(0)))
-    out = []
-    for emission in decoder.run(ids):
-        out.append(emission.token)
-        if len(out) == count:
-            return out
-    return out

@@ -16,16 +16,10 @@ import numpy as np
 
 from ..accounting import TokenCost, token_cost
 from ..errors import BundleError
-from .exit_policy import HEAD_FEATURES, POLICY_FILE, ExitPolicy, feature_matrix, hidden_features
+from . import chain
+from .exit_policy import HEAD_FEATURES, POLICY_FILE, Decision, ExitPolicy, decision_from, feature_matrix, hidden_features
 from .policy_check import check_decider_sessions, check_policy_files
 from .sessions import make_session
-
-
-@dataclass
-class Decision:
-    stop: bool
-    token: Optional[np.ndarray]
-    score: float
 
 
 class ExitDecider:
@@ -117,17 +111,16 @@ class ExitDecider:
         p = self.policy
         if p.decision == "probe":
             token, confidence = self.probe(layer, hidden_last)
-            stop = bool(confidence[0] >= p.threshold_at(layer, self.num_layers))
-            return Decision(stop=stop, token=token, score=float(confidence[0]))
+            return decision_from(confidence, p.threshold_at(layer, self.num_layers), token)
         columns = self.features(layer, hidden_last, previous)
         score = self.score(columns)
-        stop = bool(score[0] >= p.threshold)
+        stop = decision_from(score, p.threshold, None).stop
         if p.label_token_ids and p.head != "label":
             # the full / low-rank head's top-1 is not restricted to the label words: the label head answers
             token = self.answer(hidden_last) if stop else None
         else:
             token = columns.get("top1_id") if p.head in ("full", "label") else None
-        return Decision(stop=stop, token=token, score=float(score[0]))
+        return decision_from(score, p.threshold, token)
 
 
 @dataclass
@@ -163,14 +156,13 @@ def predict(model, ids: Sequence[int], decider: Optional[ExitDecider] = None, wa
 def trace(model, ids: Sequence[int]) -> list[np.ndarray]:
     """Hidden states after the embedding and after every block: L + 1 arrays of (seq, hidden)."""
     ids = model.check_ids(ids)
+    backend = model.backend
     state = model.new_state(1)
     input_ids = np.asarray([ids], dtype=np.int64)
-    position_ids = state.advance(np.ones_like(input_ids))
-    hidden = model.embed(input_ids, position_ids)
-    layers = [hidden[0]]
-    for layer in range(model.num_layers):
-        hidden = model.block(layer, hidden, position_ids, state)
-        layers.append(hidden[0])
+    layers: list[np.ndarray] = []
+    chain.run_layers(backend, input_ids, state, np.ones_like(input_ids),
+                     observe=lambda layer, hidden: layers.append(backend.host(hidden)[0]))
+    state.close()
     return layers
 
 
@@ -191,9 +183,4 @@ def load_policy(model) -> Optional[ExitPolicy]:
     return policy
 
 
-def bundle_decider(model) -> Optional[ExitDecider]:
-    policy = load_policy(model)
-    return ExitDecider(model, policy) if policy is not None else None
-
-
-__all__ = ["Decision", "ExitDecider", "POLICY_FILE", "Prediction", "bundle_decider", "load_policy", "predict", "trace"]
+__all__ = ["Decision", "ExitDecider", "POLICY_FILE", "Prediction", "load_policy", "predict", "trace"]

@@ -139,6 +139,20 @@ class ExitPolicy:
         return ExitPolicy(decision="rule", features=[feature], threshold=threshold, head="full", name=f"{feature}>={threshold}")
 
 
+@dataclass
+class Decision:
+    stop: bool
+    token: Optional[np.ndarray]
+    score: float
+
+
+def decision_from(score, threshold: float, token) -> Decision:
+    """The one exit rule, for every decider and backend: stop when the (first row's) score reaches
+    the threshold. Batches decide on their first row: early exit generates one sequence at a time."""
+    first = float(np.asarray(score, dtype=np.float64).reshape(-1)[0])
+    return Decision(stop=bool(first >= threshold), token=token, score=first)
+
+
 def hidden_features(current: np.ndarray, previous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """cos_prev and norm_ratio between two (rows, hidden) arrays of consecutive layers."""
     current = current.astype(np.float64)

@@ -1,58 +1,31 @@
-"""The chain: embedding -> block_00 ... block_NN -> head, with the KV cache kept in numpy.
+"""A loaded bundle: tokenizer, limits and generation, over one backend (`backend.py`) that runs its graphs.
 
-Read top to bottom like llama2.c's forward pass. Batches are left-padded: every row's
-last position is the newest token, and position ids count real tokens only.
+`Model` is a facade: it holds a backend (cpu, cpu-iobinding, ort-cuda, ort-trt or tensorrt) and is
+never subclassed; the block loop is `chain.run_layers`, the decoding modes are `decoding.py`.
+Batches are left-padded: every row's last position is the newest token, and position ids count
+real tokens only.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from ..errors import BundleError, InputError
+from . import chain
+from .backend import KVState, LayerRun
 from .bundle import Bundle, open_bundle
+from .decoding import Sampler, make_decoder
+from .early_exit import load_policy
 from .limits import (check_decoding, check_memory, check_options, check_text, check_threads, fit_prompt,
                      prompt_batch, step_ids, token_ids)
-from .sessions import DEFAULT_PROVIDERS, make_session
+from .sessions import DEFAULT_PROVIDERS
 from .tokenizer import StreamDecoder, TextTokenizer
 
-
-@dataclass
-class DecodeState:
-    """What a batch of sequences carries between steps: per-layer keys and values, mask, next position."""
-
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
-    attention_mask: np.ndarray  # (batch, total_length) int64, 0 = padding
-    next_position: np.ndarray  # (batch,) int64
-    complete_layers: Optional[int] = None  # < num_layers after an early exit: upper caches lack the last step
-
-    @property
-    def length(self) -> int:
-        return self.attention_mask.shape[1]
-
-    def advance(self, step_mask: np.ndarray) -> np.ndarray:
-        """Append a step's padding mask (batch, seq); returns its position ids, which count real tokens only."""
-        self.attention_mask = np.concatenate([self.attention_mask, step_mask], axis=1)
-        position_ids = np.maximum(self.next_position[:, None] + np.cumsum(step_mask, axis=1) - 1, 0).astype(np.int64)
-        self.next_position = self.next_position + step_mask.sum(axis=1)
-        return position_ids
-
-
-@dataclass
-class LayerRun:
-    """Where a pass through the blocks ended: hidden states (batch, seq, hidden) after `exit_layer`."""
-
-    hidden: np.ndarray
-    position_ids: np.ndarray
-    exit_layer: int
-    decisions: int
-    token: Optional[np.ndarray]  # top-1 ids from the exit head when it decided, else None
+DecodeState = KVState  # what `start` returns and `step` takes: the backend's KV cache
 
 
 @dataclass
@@ -96,137 +69,83 @@ class StreamEvent:
     layers: int
 
 
-class Sessions(Mapping):
-    """One ONNX Runtime session per graph, by graph name; the graphs only early exit needs (the exit
-    head, the kv_fill graphs) get theirs on first use, so a full-depth generation never holds them
-    (the exit head is a whole LM head: 113 MB of weights, prepacked, on SmolLM2). Every graph's
-    interface is checked against the manifest at load all the same, by a session that skips graph
-    optimization and weight prepacking (weights in external data are mapped, not read)."""
-
-    LAZY = ("exit_head", "kv_fill_")
-
-    def __init__(self, bundle: Bundle, providers: Sequence, threads: Optional[int]):
-        self.bundle, self.providers, self.threads = bundle, providers, threads
-        self._sessions: dict = {}
-        self._lock = threading.Lock()
-        names = list(bundle.manifest.graphs)
-        self.inputs = dict.fromkeys(names)  # manifest order for iteration; filled below
-        self.outputs = dict.fromkeys(names)
-        # the heads and the embedding first: loading a graph holds its raw weights and their prepacked
-        # copy for a moment, so the vocabulary-sized ones go while little else is resident (peak RSS)
-        for name in sorted(names, key=lambda n: n not in ("final_head", "exit_head", "embed")):
-            lazy = name.startswith(self.LAZY)
-            session = make_session(bundle.graph_path(name), providers, threads, light=lazy)
-            bundle.check_session(name, session)  # the graphs' real interfaces match the manifest
-            self.inputs[name] = [i.name for i in session.get_inputs()]
-            self.outputs[name] = [o.name for o in session.get_outputs()]
-            if not lazy:
-                self._sessions[name] = session
-            del session
-
-    def __getitem__(self, name: str):
-        session = self._sessions.get(name)
-        if session is None:
-            if name not in self.inputs:
-                raise KeyError(name)
-            with self._lock:
-                session = self._sessions.get(name)
-                if session is None:
-                    session = self._sessions[name] = make_session(self.bundle.graph_path(name), self.providers, self.threads)
-        return session
-
-    def __iter__(self):
-        return iter(self.inputs)
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def __contains__(self, name) -> bool:
-        return name in self.inputs
-
-    def loaded(self) -> list[str]:
-        """Names of the graphs whose full sessions exist now."""
-        return list(self._sessions)
-
-
 class Model:
-    """A loaded bundle. Thread-safe for concurrent generations: each owns its `DecodeState`."""
+    """A loaded bundle on one backend. Thread-safe for concurrent generations on the cpu backends:
+    each owns its KV cache (the tensorrt backend runs one generation at a time)."""
 
-    def __init__(self, bundle: Bundle, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None):
-        self.bundle = bundle
-        self.manifest = m = bundle.manifest
-        self.sessions = Sessions(bundle, providers, threads)
-        self._inputs, self._outputs = self.sessions.inputs, self.sessions.outputs
+    def __init__(self, bundle: Bundle, backend):
+        self.bundle, self.backend = bundle, backend
+        self.manifest = bundle.manifest
         tok = bundle.tokenizer_path
         self.tokenizer = TextTokenizer(tok) if tok is not None else None
-        self.num_layers = m.num_layers
-        self.session_calls: dict[str, int] = {name: 0 for name in m.graphs}
-        self._decider = None  # the calibrated exit decider, loaded on first early-exit use
+        self.num_layers = self.manifest.num_layers
+        self._decider = None  # the calibrated exit decider, made on first early-exit use
 
-    # ------------------------------------------------------------------ graphs
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
 
-    def _run(self, graph: str, **feeds: np.ndarray) -> list[np.ndarray]:
-        self.session_calls[graph] += 1
-        return self.sessions[graph].run(self._outputs[graph], {n: feeds[n] for n in self._inputs[graph]})
+    @property
+    def sessions(self):
+        """The ONNX Runtime sessions of the ONNX Runtime backends (by graph name)."""
+        return self.backend.sessions
+
+    @property
+    def session_calls(self) -> dict:
+        """Graph name -> number of calls so far (assign a dict to reset)."""
+        return self.backend.calls
+
+    @session_calls.setter
+    def session_calls(self, value: dict) -> None:
+        self.backend.calls = value
+
+    def close(self) -> None:
+        """Release the backend's sessions and device memory now (a Jetson shares its RAM with the GPU)."""
+        self.backend.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ graphs, one call each
 
     def embed(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        (hidden,) = self._run("embed", input_ids=input_ids, position_ids=position_ids)
-        return hidden
+        return self.backend.host(self.backend.embed(input_ids, position_ids, None))
 
     def block(self, layer: int, hidden: np.ndarray, position_ids: np.ndarray, state: DecodeState) -> np.ndarray:
-        """Run one decoder block and append this step's keys and values to the state."""
-        hidden, state.keys[layer], state.values[layer] = self._run(
-            self.manifest.block_name(layer), hidden_states=hidden, position_ids=position_ids,
-            attention_mask=state.attention_mask, past_key=state.keys[layer], past_value=state.values[layer])
-        return hidden
+        """Run decoder block `layer` (0-based) and append this step's keys and values to the state."""
+        return self.backend.host(self.backend.block(layer, hidden, position_ids, state))
 
     def final_logits(self, hidden_last: np.ndarray) -> np.ndarray:
-        (logits,) = self._run("final_head", hidden_states=np.ascontiguousarray(hidden_last, dtype=np.float32))
-        return logits
+        return self.backend.logits(hidden_last)
 
     def exit_features(self, hidden_last: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(top-1 id, top-1 prob, gap) of the distribution the LM head gives this hidden state."""
-        top1, prob, gap = self._run("exit_head", hidden_states=np.ascontiguousarray(hidden_last, dtype=np.float32))
-        return top1, prob, gap
+        return self.backend.exit_outputs(hidden_last)
+
+    def kv_fill(self, layer: int, hidden: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Layer `layer`'s (1-based) keys and values for `hidden`, from its norm and K/V projections."""
+        return self.backend.kv_fill_outputs(layer - 1, hidden, position_ids)
+
+    @property
+    def has_kv_fill(self) -> bool:
+        return self.backend.has_kv_fill
 
     # ------------------------------------------------------------------ forward
 
+    def new_state(self, batch: int) -> DecodeState:
+        return self.backend.new_cache(batch)
+
+    def run_layers(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray, decider=None) -> LayerRun:
+        """`chain.run_layers` on this model's backend, with the hidden states returned on the host."""
+        run = chain.run_layers(self.backend, input_ids, state, step_mask, decider)
+        return replace(run, hidden=self.backend.host(run.hidden))
+
     def forward(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray) -> np.ndarray:
         """Feed `input_ids` (batch, seq) through every block; returns the last position's logits."""
-        return self.final_logits(self.run_layers(input_ids, state, step_mask).hidden[:, -1, :])
-
-    def run_layers(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray, decider=None) -> "LayerRun":
-        """Embed and run the blocks in order; with a `decider` (early exit), stop where it says."""
-        position_ids = state.advance(step_mask)
-
-        hidden = self.embed(input_ids, position_ids)
-        previous = hidden[:, -1, :]
-        decisions = 0
-        for layer in range(1, self.num_layers + 1):
-            hidden = self.block(layer - 1, hidden, position_ids, state)
-            if decider is not None and decider.evaluates(layer):
-                decisions += 1
-                decision = decider.decide(layer, hidden[:, -1, :], previous)
-                if decision.stop:
-                    state.complete_layers = layer
-                    return LayerRun(hidden, position_ids, layer, decisions, decision.token)
-            previous = hidden[:, -1, :]
-        return LayerRun(hidden, position_ids, self.num_layers, decisions, None)
-
-    def finish_layers(self, run: "LayerRun", state: DecodeState) -> np.ndarray:
-        """Run the blocks an early exit skipped, so the KV cache is complete again; returns last logits."""
-        hidden = run.hidden
-        for layer in range(run.exit_layer + 1, self.num_layers + 1):
-            hidden = self.block(layer - 1, hidden, run.position_ids, state)
-        state.complete_layers = self.num_layers
-        return self.final_logits(hidden[:, -1, :])
-
-    def new_state(self, batch: int) -> DecodeState:
-        m = self.manifest
-        empty = np.zeros((batch, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
-        return DecodeState(keys=[empty] * m.num_layers, values=[empty] * m.num_layers,
-                           attention_mask=np.zeros((batch, 0), dtype=np.int64),
-                           next_position=np.zeros(batch, dtype=np.int64))
+        return chain.last_logits(self.backend, chain.run_layers(self.backend, input_ids, state, step_mask))
 
     def start(self, prompts: Sequence[Sequence[int]]) -> tuple[DecodeState, np.ndarray]:
         """Prefill a batch of token-id prompts (left-padded); returns the state and last logits."""
@@ -250,15 +169,18 @@ class Model:
             raise InputError(f"step got {len(checked)} tokens for a batch of {state.attention_mask.shape[0]}")
         self._check_range(checked)
         ids = np.asarray(checked, dtype=np.int64).reshape(-1, 1)
-        if state.complete_layers not in (None, self.num_layers):
-            raise InputError("this state ended in an early exit; call finish_layers before decoding further")
+        if state.complete_layers is not None:
+            raise InputError("this state ended in an early exit; fill the skipped layers "
+                             "(chain.fill_skipped) before decoding further")
         if state.length + 1 > self.manifest.max_positions:
             raise InputError(f"context would exceed the model's {self.manifest.max_positions} positions")
         return self.forward(ids, state, np.ones_like(ids))
 
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Last-position logits (batch, vocab) of a batch of token-id prompts."""
-        return self.start(prompts)[1]
+        state, logits = self.start(prompts)
+        state.close()
+        return logits
 
     # ------------------------------------------------------------------ text
 
@@ -315,13 +237,12 @@ class Model:
             decoder.start()
         if max_new_tokens == 0:
             return
-        from .decoding import Sampler, make_decoder
-
+        if mode == "speculative" and not getattr(self.backend, "multi_token_steps", True):
+            raise InputError(f"the {self.backend.name} backend cannot run several tokens on a filled cache, which "
+                             f"speculative decoding verifies with; use --mode full or early-exit")
         decider = None
         if mode != "full":
-            from .early_exit import ExitDecider
-
-            decider = ExitDecider(self, policy) if policy is not None else self.decider()
+            decider = self.backend.make_decider(self, policy) if policy is not None else self.decider()
         generator = make_decoder(self, mode, Sampler(temperature, top_p, rng), decider, max_draft)
         for index, emission in enumerate(generator.run(ids)):
             token = emission.token
@@ -338,19 +259,9 @@ class Model:
     def decider(self):
         """The bundle's calibrated exit decider (None if the bundle was never calibrated)."""
         if self._decider is None:
-            from .early_exit import bundle_decider
-
-            self._decider = bundle_decider(self)
+            policy = load_policy(self)
+            self._decider = self.backend.make_decider(self, policy) if policy is not None else None
         return self._decider
-
-    @property
-    def has_kv_fill(self) -> bool:
-        return self.num_layers == 0 or "kv_fill_00" in self.sessions
-
-    def kv_fill(self, layer: int, hidden: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Layer `layer`'s (1-based) keys and values for `hidden`, from its norm and K/V projections."""
-        key, value = self._run(f"kv_fill_{layer - 1:02d}", hidden_states=hidden, position_ids=position_ids)
-        return key, value
 
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: Optional[int] = None, stop_at_eos: bool = True,
@@ -385,6 +296,9 @@ class Model:
 
 def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
          check_digests: bool = True) -> Model:
-    """Load a bundle for inference with ONNX Runtime (CPU by default)."""
+    """Load a bundle on the cpu backend (ONNX Runtime sessions, KV cache in numpy)."""
+    from .backends.cpu import CpuBackend
+
     check_threads(threads)
-    return Model(open_bundle(bundle_dir, check_digests=check_digests), providers=providers, threads=threads)
+    bundle = open_bundle(bundle_dir, check_digests=check_digests)
+    return Model(bundle, CpuBackend(bundle, providers=providers, threads=threads))

@@ -82,8 +82,9 @@ def light_options() -> ort.SessionOptions:
 
 
 def make_session(path: Path, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
-                 light: bool = False) -> ort.InferenceSession:
-    """A session for one graph; `light`: only to read its interface (see `light_options`)."""
+                 light: bool = False, require: Optional[str] = None) -> ort.InferenceSession:
+    """A session for one graph; `light`: only to read its interface (see `light_options`);
+    `require`: the execution provider that must actually run it (`check_providers`)."""
     available = set(ort.get_available_providers())
     names = [p[0] if isinstance(p, tuple) else p for p in providers]
     missing = [n for n in names if n not in available]
@@ -93,6 +94,20 @@ def make_session(path: Path, providers: Sequence = DEFAULT_PROVIDERS, threads: O
     _sessions_made = True
     try:
         options = light_options() if light else session_options(threads)
-        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
         raise BundleError(f"cannot load {path.name}: {str(exc).splitlines()[0]}") from None
+    if require is not None:
+        check_providers(session, require, Path(path).name)
+    return session
+
+
+def check_providers(session, wanted: str, what: str) -> None:
+    """ONNX Runtime falls back to the next provider, silently, when one fails to initialise (missing
+    CUDA, cuDNN or TensorRT libraries): refuse a session where `wanted` is not among those it runs."""
+    from .gpu_errors import GpuUnavailableError
+
+    got = list(session.get_providers())
+    if wanted not in got:
+        raise GpuUnavailableError(f"{what}: ONNX Runtime could not start {wanted} and fell back to "
+                                  f"{', '.join(got) or 'nothing'} (check the CUDA / cuDNN / TensorRT libraries it needs)")

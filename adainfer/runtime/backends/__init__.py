@@ -1,0 +1,59 @@
+"""`adainfer.runtime.load(bundle, backend=...)`: one entry point for every backend.
+
+- "cpu" (default; "onnxruntime" is accepted as an older name): ONNX Runtime on the CPU, KV cache in numpy;
+- "cpu-iobinding": ONNX Runtime on the CPU with I/O binding (KV cache in preallocated buffers bound by address);
+- "ort-cuda" / "ort-trt": ONNX Runtime's CUDA / TensorRT execution providers, I/O binding, KV cache on the GPU;
+- "tensorrt": the bundle's TensorRT engines (`adainfer build-engines` on this device first).
+
+Every backend is a `backend.Backend` behind the same `Model` facade. The GPU modules are imported
+only when asked for, so this never needs tensorrt, CUDA or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from ...errors import InputError
+from ...manifest import check_bundle_path
+from ..sessions import DEFAULT_PROVIDERS
+
+BACKENDS = ("cpu", "cpu-iobinding", "ort-cuda", "ort-trt", "tensorrt")
+ALIASES = {"onnxruntime": "cpu"}
+
+
+def backend_name(name: str) -> str:
+    """The canonical backend name; refuses unknown ones in one line."""
+    name = ALIASES.get(name, name)
+    if name not in BACKENDS:
+        raise InputError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    return name
+
+
+def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
+         check_digests: bool = True, backend: str = "cpu", **options):
+    """Load a bundle for inference; `backend` picks the runtime (see the module docstring).
+    Options: `max_batch` (ort-trt, tensorrt), `device_id` (ort-cuda, ort-trt)."""
+    name = backend_name(backend)
+    check_bundle_path(bundle_dir)
+    from ..bundle import open_bundle
+    from ..limits import check_threads
+    from ..model import Model
+
+    check_threads(threads)
+    if name == "cpu":
+        if options:
+            raise InputError(f"the cpu backend takes no option {sorted(options)[0]!r}")
+        from .cpu import CpuBackend
+
+        bundle = open_bundle(bundle_dir, check_digests=check_digests)
+        return Model(bundle, CpuBackend(bundle, providers=providers, threads=threads))
+    if name == "tensorrt":
+        from .tensorrt import TensorRTBackend, require_tensorrt
+
+        require_tensorrt()  # before reading the bundle: no GPU is the commonest refusal
+        bundle = open_bundle(bundle_dir, check_digests=check_digests)
+        return Model(bundle, TensorRTBackend(bundle, **options))
+    from .ort_iobinding import IoBindingBackend
+
+    bundle = open_bundle(bundle_dir, check_digests=check_digests)
+    return Model(bundle, IoBindingBackend(bundle, name, threads=threads, **options))

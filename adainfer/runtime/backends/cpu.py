@@ -1,0 +1,175 @@
+"""The `cpu` backend: one ONNX Runtime session per graph, the KV cache in numpy.
+
+Each block call takes the cache as `past_*` arrays and returns `present_*`, which replace them
+(the concatenation happens inside the graph). Arrays are never written in place, so `fork` is a
+copy of the lists and `truncate` a slice. Loaded models serve several threads at once: every
+generation owns its cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ...errors import BundleError
+from ..backend import HostDecisions, KVState, kv_dtype
+from ..bundle import Bundle
+from ..sessions import DEFAULT_PROVIDERS, make_session
+
+
+class HostKVCache(KVState):
+    """Per-layer keys and values as numpy arrays `(batch, kv_heads, length, head_dim)` in the block graphs' dtype."""
+
+    def __init__(self, keys: list, values: list, batch: int):
+        self.keys, self.values = keys, values
+        self._init_state(batch)
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, kv_heads: int, head_dim: int, dtype) -> "HostKVCache":
+        empty = np.zeros((batch, kv_heads, 0, head_dim), dtype=dtype)
+        return cls([empty] * layers, [empty] * layers, batch)
+
+    def append(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
+        if keys.dtype != self.keys[layer].dtype:
+            raise BundleError(f"kv_fill gave {keys.dtype} keys for a {self.keys[layer].dtype} cache (re-export the bundle)")
+        self.keys[layer] = np.concatenate([self.keys[layer], keys], axis=2)
+        self.values[layer] = np.concatenate([self.values[layer], values], axis=2)
+
+    def fork(self) -> "HostKVCache":
+        other = HostKVCache(list(self.keys), list(self.values), self.batch)
+        self._copy_state_to(other)
+        return other
+
+    def truncate(self, length: int) -> None:
+        self.keys = [k[:, :, :length] for k in self.keys]
+        self.values = [v[:, :, :length] for v in self.values]
+        self._truncate_state(length)
+
+    def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.keys[index], self.values[index]
+
+    def close(self) -> None:
+        pass
+
+
+class Sessions(Mapping):
+    """One ONNX Runtime session per graph, by graph name; the graphs only early exit needs (the exit
+    head, the kv_fill graphs) get theirs on first use, so a full-depth generation never holds them
+    (the exit head is a whole LM head: 113 MB of weights, prepacked, on SmolLM2). Every graph's
+    interface is checked against the manifest at load all the same, by a session that skips graph
+    optimization and weight prepacking (weights in external data are mapped, not read)."""
+
+    LAZY = ("exit_head", "kv_fill_")
+
+    def __init__(self, bundle: Bundle, providers, threads: Optional[int], require: Optional[str] = None):
+        """`providers`: a list for every graph, or a function of the graph's name; `require`: the
+        execution provider every session must really run on (`sessions.check_providers`)."""
+        self.bundle, self.providers, self.threads, self.require = bundle, providers, threads, require
+        self._sessions: dict = {}
+        self._lock = threading.Lock()
+        names = list(bundle.manifest.graphs)
+        self.inputs = dict.fromkeys(names)  # manifest order for iteration; filled below
+        self.outputs = dict.fromkeys(names)
+        # the heads and the embedding first: loading a graph holds its raw weights and their prepacked
+        # copy for a moment, so the vocabulary-sized ones go while little else is resident (peak RSS)
+        for name in sorted(names, key=lambda n: n not in ("final_head", "exit_head", "embed")):
+            lazy = name.startswith(self.LAZY)
+            session = make_session(bundle.graph_path(name), self._providers(name), threads, light=lazy, require=require)
+            bundle.check_session(name, session)  # the graphs' real interfaces match the manifest
+            self.inputs[name] = [i.name for i in session.get_inputs()]
+            self.outputs[name] = [o.name for o in session.get_outputs()]
+            if not lazy:
+                self._sessions[name] = session
+            del session
+
+    def __getitem__(self, name: str):
+        session = self._sessions.get(name)
+        if session is None:
+            if name not in self.inputs:
+                raise KeyError(name)
+            with self._lock:
+                session = self._sessions.get(name)
+                if session is None:
+                    session = self._sessions[name] = make_session(self.bundle.graph_path(name), self._providers(name),
+                                                                  self.threads, require=self.require)
+        return session
+
+    def _providers(self, name: str):
+        return self.providers(name) if callable(self.providers) else self.providers
+
+    def __iter__(self):
+        return iter(self.inputs)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __contains__(self, name) -> bool:
+        return name in self.inputs
+
+    def loaded(self) -> list[str]:
+        """Names of the graphs whose full sessions exist now."""
+        return list(self._sessions)
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+
+class CpuBackend(HostDecisions):
+    name = "cpu"
+
+    def __init__(self, bundle: Bundle, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None):
+        self.bundle, self.manifest = bundle, bundle.manifest
+        self.num_layers = self.manifest.num_layers
+        self.sessions = Sessions(bundle, providers, threads)
+        self.calls: dict[str, int] = {name: 0 for name in self.manifest.graphs}
+        self.kv_dtype = kv_dtype(self.manifest)
+
+    @property
+    def has_kv_fill(self) -> bool:
+        return self.num_layers == 0 or "kv_fill_00" in self.sessions
+
+    def _run(self, graph: str, **feeds: np.ndarray) -> list[np.ndarray]:
+        self.calls[graph] += 1
+        s = self.sessions
+        return self.sessions[graph].run(s.outputs[graph], {n: feeds[n] for n in s.inputs[graph]})
+
+    def new_cache(self, batch: int) -> HostKVCache:
+        m = self.manifest
+        return HostKVCache.empty(m.num_layers, batch, m.num_kv_heads, m.head_dim, self.kv_dtype)
+
+    def embed(self, input_ids, position_ids, cache=None):
+        (hidden,) = self._run("embed", input_ids=input_ids, position_ids=position_ids)
+        return hidden
+
+    def block(self, layer, hidden, position_ids, cache: HostKVCache):
+        hidden, cache.keys[layer], cache.values[layer] = self._run(
+            self.manifest.block_name(layer), hidden_states=hidden, position_ids=position_ids,
+            attention_mask=cache.attention_mask, past_key=cache.keys[layer], past_value=cache.values[layer])
+        return hidden
+
+    def kv_fill_outputs(self, layer: int, hidden, position_ids) -> tuple[np.ndarray, np.ndarray]:
+        key, value = self._run(f"kv_fill_{layer:02d}", hidden_states=hidden, position_ids=position_ids)
+        return key, value
+
+    def kv_fill(self, layer, hidden, position_ids, cache: HostKVCache) -> None:
+        cache.append(layer, *self.kv_fill_outputs(layer, hidden, position_ids))
+
+    def rows(self, hidden, which: str = "last"):
+        return hidden[:, -1, :] if which == "last" else hidden.reshape(-1, hidden.shape[-1])
+
+    def logits(self, rows) -> np.ndarray:
+        (logits,) = self._run("final_head", hidden_states=np.ascontiguousarray(rows, dtype=np.float32))
+        return logits
+
+    def exit_outputs(self, rows):
+        top1, prob, gap = self._run("exit_head", hidden_states=np.ascontiguousarray(rows, dtype=np.float32))
+        return top1, prob, gap
+
+    def host(self, tensor) -> np.ndarray:
+        return np.asarray(tensor)
+
+    def close(self) -> None:
+        self.sessions.close()

@@ -1,0 +1,66 @@
+"""The chain: embedding -> block 1 ... block L, stopping where an exit decider says. The only loop
+over a bundle's layers in the runtime, for every backend (`backend.py`).
+
+Batches are left-padded: every row's last position is the newest token, and position ids count
+real tokens only (`KVState.advance`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import BundleError
+from .backend import Backend, KVCache, LayerRun
+
+Observer = Callable[[int, object], None]
+
+
+def run_layers(backend: Backend, input_ids: np.ndarray, cache: KVCache, step_mask: np.ndarray, decider=None,
+               observe: Optional[Observer] = None) -> LayerRun:
+    """Embed `input_ids` (batch, seq) and run the blocks in order, appending to `cache`; with a
+    `decider` stop after the first evaluated block where it says so. `observe(layer, hidden)` sees
+    the embedding (layer 0) and every block's output (calibration traces)."""
+    position_ids = cache.advance(step_mask)
+    hidden = backend.embed(input_ids, position_ids, cache)
+    if observe is not None:
+        observe(0, hidden)
+    previous = hidden
+    decisions = 0
+    for layer in range(1, backend.num_layers + 1):
+        hidden = backend.block(layer - 1, hidden, position_ids, cache)
+        if observe is not None:
+            observe(layer, hidden)
+        if decider is not None and decider.evaluates(layer):
+            decisions += 1
+            decision = backend.decide(decider, layer, hidden, previous)
+            if decision.stop:
+                if layer < backend.num_layers:
+                    cache.complete_layers = layer
+                return LayerRun(hidden, position_ids, layer, decisions, decision.token)
+        previous = hidden
+    return LayerRun(hidden, position_ids, backend.num_layers, decisions, None)
+
+
+def fill_skipped(backend: Backend, cache: KVCache, run: LayerRun) -> None:
+    """Give the layers after `run.exit_layer` this step's keys and values, from the exit hidden
+    state through each skipped layer's own norm and K/V projections (`kv_fill_NN`: CALM's state
+    propagation), so the next step can run at any depth."""
+    if run.exit_layer >= backend.num_layers:
+        return
+    if not backend.has_kv_fill:
+        raise BundleError("this bundle has no kv_fill graphs (re-export it to generate with early exit)")
+    for layer in range(run.exit_layer, backend.num_layers):  # 0-based: the skipped blocks
+        backend.kv_fill(layer, run.hidden, run.position_ids, cache)
+    cache.complete_layers = None
+
+
+def last_logits(backend: Backend, run: LayerRun) -> np.ndarray:
+    """Logits (batch, vocab) at the last position of every row, where `run` ended."""
+    return backend.logits(backend.rows(run.hidden, "last"))
+
+
+def all_logits(backend: Backend, run: LayerRun) -> np.ndarray:
+    """Logits (seq, vocab) at every position of a batch of one."""
+    return backend.logits(backend.rows(run.hidden, "all"))
