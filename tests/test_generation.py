@@ -6,7 +6,7 @@ import torch
 
 import adainfer.runtime as rt
 from adainfer.exporter import export_model
-from adainfer.runtime.decoding import EarlyExitDecoder, Sampler, SpeculativeDecoder, fork
+from adainfer.runtime.decoding import EarlyExitDecoder, Sampler, SpeculativeDecoder
 from adainfer.runtime.early_exit import ExitDecider
 from adainfer.runtime.exit_policy import ExitPolicy
 from conftest import tiny_model
@@ -97,7 +97,7 @@ def test_propagate_fills_exactly_the_skipped_layers(stories_bundle, stories_hf):
     before = [k.shape[2] for k in state.keys]
     token = 383
     exit_layer = 2
-    probe = fork(state)  # the exit hidden state, from the same forced forward
+    probe = state.fork()  # the exit hidden state, from the same forced forward
     run = model.run_layers(np.array([[token]]), probe, np.ones((1, 1), np.int64), ExitDecider(model, ExitPolicy.forced(exit_layer)))
     decoder = EarlyExitDecoder(model, _sampler(), ExitDecider(model, ExitPolicy.forced(exit_layer)))
     _, layers, cost = decoder.step(state, token)

@@ -32,14 +32,14 @@ def register(sub) -> None:
                         "global pool with any other load on 2 cores), or ONNX Runtime's global pool shared by all the "
                         "bundle's sessions, whose workers spin while a graph runs (possibly faster on an idle machine): "
                         "docs/bench/chain-vs-genai.md")
-    p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "ort-cuda", "ort-trt"), default="onnxruntime",
-                   help="runtime: ONNX Runtime on CPU (default), TensorRT engines, or ONNX Runtime CUDA / TensorRT providers")
+    p.add_argument("--backend", choices=("cpu", "cpu-iobinding", "ort-cuda", "ort-trt", "tensorrt", "onnxruntime"),
+                   default="cpu", help="runtime: ONNX Runtime on the CPU (default; 'onnxruntime' is the older name), the "
+                   "same with I/O binding, ONNX Runtime's CUDA / TensorRT providers, or TensorRT engines "
+                   "(adainfer build-engines first)")
     p.add_argument("--mode", choices=("full", "early-exit", "speculative"), default="full",
                    help="early-exit: each token stops where the calibrated classifier fires, skipped layers' caches "
                         "filled from the exit state (approximate); speculative: early-exit drafts verified at full "
                         "depth (lossless)")
-    p.add_argument("--kv-fill", choices=("propagate",), default="propagate",
-                   help="how layers skipped by an early exit get keys and values (early-exit and speculative drafts)")
     p.add_argument("--max-draft", type=int, default=4, help="speculative: most tokens drafted per round")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
@@ -47,6 +47,7 @@ def register(sub) -> None:
 def main(args) -> int:
     from ..errors import InputError
     from ..runtime import load
+    from ..runtime.backends import backend_name
     from ..runtime.limits import check_decoding, check_options, check_threads
 
     if args.chat is not None:
@@ -62,11 +63,12 @@ def main(args) -> int:
     check_options(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before any work
     check_decoding(args.mode, args.max_draft)
     check_threads(args.threads)
-    if args.backend == "onnxruntime" and args.thread_pool == "global":  # see runtime/sessions.py
+    backend = backend_name(args.backend)
+    if backend in ("cpu", "cpu-iobinding") and args.thread_pool == "global":  # see runtime/sessions.py
         from ..runtime.sessions import use_global_thread_pool
 
         use_global_thread_pool(args.threads)
-    model = load(bundle, threads=args.threads) if args.backend == "onnxruntime" else load(bundle, backend=args.backend)
+    model = load(bundle, threads=args.threads, backend=backend)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop_at_eos=not args.no_stop_at_eos, truncate=args.truncate_prompt,
                    mode=args.mode, max_draft=args.max_draft)

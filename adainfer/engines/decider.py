@@ -31,18 +31,13 @@ import numpy as np
 
 from ..errors import BundleError
 from ..manifest import GraphSpec, TensorSpec, sha256_of
-from ..runtime.exit_policy import HEAD_FEATURES, ExitPolicy
+from ..runtime.device_exit import HIDDEN, LAYER_FRAC, PREVIOUS, extra_features, layer_fractions  # noqa: F401 (re-exported)
+from ..runtime.exit_policy import ExitPolicy
 from .errors import EngineError
 from .precision import DECIDER_PREFIX as PREFIX
 
 DECIDER_FILE = "exit_decider.onnx"
-HIDDEN, PREVIOUS, LAYER_FRAC = "hidden_states", "previous_hidden_states", "layer_frac"
 OUTPUTS = ("score", "top1_id")
-
-
-def extra_features(policy: ExitPolicy) -> list[str]:
-    """The features the folded graph takes in `extra_features`, in column order (as ExitDecider.extra)."""
-    return [f for f in policy.features if f not in HEAD_FEATURES]
 
 
 def decider_inputs(policy: ExitPolicy) -> list[str]:
@@ -142,13 +137,6 @@ def _specs(values) -> list[TensorSpec]:
         dims = [d.dim_param if d.dim_param else d.dim_value for d in v.type.tensor_type.shape.dim]
         out.append(TensorSpec(v.name, helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name, dims))
     return out
-
-
-def layer_fractions(num_layers: int, rows: int) -> np.ndarray:
-    """(num_layers, rows, 1) float32: `layer_frac` of every layer (1-based l -> l / L), as the host computes it."""
-    values = np.array([np.float32(l / num_layers) for l in range(1, num_layers + 1)], dtype=np.float32)
-    return np.ascontiguousarray(np.repeat(values[:, None, None], rows, axis=1))
-
 
 
 def bundle_folded_policy(bundle_root: Path, manifest) -> Optional[tuple[ExitPolicy, Path, str]]:

@@ -53,7 +53,7 @@ def fill_skipped(backend: Backend, cache: KVCache, run: LayerRun) -> None:
         raise BundleError("this bundle has no kv_fill graphs (re-export it to generate with early exit)")
     for layer in range(run.exit_layer, backend.num_layers):  # 0-based: the skipped blocks
         backend.kv_fill(layer, run.hidden, run.position_ids, cache)
-    cache.complete_layers = None
+    cache.complete_layers = backend.num_layers
 
 
 def last_logits(backend: Backend, run: LayerRun) -> np.ndarray:

@@ -13,29 +13,41 @@ leaves the device, and hands `decide_outputs` the few values it copied back:
 Decisions equal `ExitDecider.decide` for a batch of one: stop when score[0] >= threshold; the
 token is the exit head's top-1 only for head "full" (the low-rank head's top-1 is approximate).
 Policies scored by `classifier.onnx` (ONNX-ML ops) cannot run in TensorRT: the tensorrt backend
-refuses them (`DeviceDecisionError`); the ORT GPU backends run them with `ExitDecider` on the
-host instead (see ort_gpu.py).
+refuses them (`DeviceDecisionError`); the ONNX Runtime backends run every policy with
+`ExitDecider` on the host instead. The decider graph's tensor names and the layer-fraction table
+live here, where the runtime reads them; `engines/decider.py` (build time) imports them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-from ..engines.errors import DeviceDecisionError
-from ..engines.metadata import DECIDER
-from .early_exit import Decision
-from .exit_policy import HEAD_FEATURES, ExitPolicy
+from .engine_record import DECIDER
+from .exit_policy import HEAD_FEATURES, Decision, ExitPolicy, decision_from
+from .gpu_errors import DeviceDecisionError
 
 HEAD_OUTPUT = {"gap": "gap", "top_prob": "top1_prob"}
+HIDDEN, PREVIOUS, LAYER_FRAC = "hidden_states", "previous_hidden_states", "layer_frac"  # the decider graph's inputs
+
+
+def extra_features(policy: ExitPolicy) -> list[str]:
+    """The features the folded graph takes in `extra_features`, in column order (as ExitDecider.extra)."""
+    return [f for f in policy.features if f not in HEAD_FEATURES]
+
+
+def layer_fractions(num_layers: int, rows: int) -> np.ndarray:
+    """(num_layers, rows, 1) float32: `layer_frac` of every layer (1-based l -> l / L), as the host computes it."""
+    values = np.array([np.float32(l / num_layers) for l in range(1, num_layers + 1)], dtype=np.float32)
+    return np.ascontiguousarray(np.repeat(values[:, None, None], rows, axis=1))
 
 
 def classifier_refusal(policy: ExitPolicy, backend: str = "tensorrt") -> DeviceDecisionError:
     return DeviceDecisionError(
         f"exit policy {policy.name or 'of this bundle'!r} scores with {policy.classifier_file or 'classifier.onnx'} "
         f"(ONNX-ML ops, which TensorRT cannot run) so it cannot decide on the {backend} backend: calibrate again with a "
-        f"linear classifier (logreg or svm-linear, folded into exit_head_folded.onnx), or use --backend onnxruntime or ort-cuda")
+        f"linear classifier (logreg or svm-linear, folded into exit_head_folded.onnx), or use --backend cpu or ort-cuda")
 
 
 class DeviceDecider:
@@ -49,7 +61,7 @@ class DeviceDecider:
         if policy.decision == "probe" or policy.head == "label" or policy.label_token_ids:
             raise DeviceDecisionError(f"exit policy {policy.name or 'of this bundle'!r} decides with label-word heads or "
                                       f"internal classifiers, which the {backend} backend does not run yet; "
-                                      f"use --backend onnxruntime")
+                                      f"use --backend cpu")
         if policy.decision == "folded":
             self.graph: Optional[str] = DECIDER
             self.outputs = ["score", "top1_id"] if policy.head != "none" else ["score"]
@@ -79,7 +91,7 @@ class DeviceDecider:
         token = outputs.get("top1_id") if p.head == "full" else None
         if token is not None:
             token = np.asarray(token).astype(np.int64).reshape(-1)
-        return Decision(stop=bool(score[0] >= p.threshold), token=token, score=float(score[0]))
+        return decision_from(score, p.threshold, token)
 
 
 def device_decider(decider, num_layers: int, backend: str = "tensorrt") -> Optional[DeviceDecider]:
@@ -88,20 +100,3 @@ def device_decider(decider, num_layers: int, backend: str = "tensorrt") -> Optio
         return decider
     policy = decider if isinstance(decider, ExitPolicy) else decider.policy
     return DeviceDecider(policy, num_layers, backend)
-
-
-def run_blocks(num_layers: int, run_block: Callable[[int], None], decide: Callable[[int, DeviceDecider], dict],
-               decider: Optional[DeviceDecider], first: int = 1) -> tuple[int, int, Optional[Decision]]:
-    """Run blocks `first`..L (1-based) through `run_block`; after each evaluated one ask `decide`
-    (run the decision graph on the device, return its outputs copied to the host). Returns
-    (exit layer, decisions taken, the stopping decision or None)."""
-    decisions = 0
-    for layer in range(first, num_layers + 1):
-        run_block(layer)
-        if decider is not None and decider.evaluates(layer):
-            decisions += 1
-            outputs = decide(layer, decider) if decider.graph is not None else {}
-            decision = decider.decide_outputs(layer, outputs)
-            if decision.stop:
-                return layer, decisions, decision
-    return num_layers, decisions, None

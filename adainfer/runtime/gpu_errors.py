@@ -17,3 +17,7 @@ class GpuUnavailableError(AdainferError):
 
 class DeviceDecisionError(EngineError):
     """An exit policy that a GPU backend cannot execute on the device (e.g. an ONNX-ML classifier on TensorRT)."""
+
+
+class CudaError(AdainferError):
+    """A CUDA runtime call failed on a device that was found (one line: the call and CUDA's error name)."""

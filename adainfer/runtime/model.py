@@ -169,7 +169,7 @@ class Model:
             raise InputError(f"step got {len(checked)} tokens for a batch of {state.attention_mask.shape[0]}")
         self._check_range(checked)
         ids = np.asarray(checked, dtype=np.int64).reshape(-1, 1)
-        if state.complete_layers is not None:
+        if state.complete_layers not in (None, self.num_layers):
             raise InputError("this state ended in an early exit; fill the skipped layers "
                              "(chain.fill_skipped) before decoding further")
         if state.length + 1 > self.manifest.max_positions:

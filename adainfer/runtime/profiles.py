@@ -139,3 +139,17 @@ def union_profile(profiles: list[Profile]) -> Profile:
 def shape_text(shape: tuple[int, ...]) -> str:
     """`1x64x8`: the shape syntax of trtexec and of onnxruntime's TensorRT provider options."""
     return "x".join(str(d) for d in shape)
+
+
+def choose_profile(past: int, seq: int) -> int:
+    """The engine profile (index) of a step of `seq` tokens on a cache of `past` positions: prefill
+    (0) on an empty cache, decode (1) for one token on a filled one. Several tokens on a filled
+    cache (speculative verification, a continued prompt) fit neither profile: refused in one line."""
+    from ..errors import InputError
+
+    if past == 0:
+        return 0
+    if seq == 1:
+        return 1
+    raise InputError(f"the tensorrt engines take several tokens only on an empty cache (prefill) and one at a time "
+                     f"after it; got {seq} tokens on {past} cached positions")
