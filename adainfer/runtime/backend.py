@@ -144,16 +144,3 @@ class LayerRun:
     exit_layer: int
     decisions: int
     token: Optional[np.ndarray]  # top-1 ids from the exit decision when it stopped, else None
-
-
-class HostDecisions:
-    """`Backend.decide` for backends whose decider runs on the host (`early_exit.ExitDecider`):
-    the last rows of this block's and the previous block's hidden states come to the host."""
-
-    def decide(self, decider, layer: int, hidden, previous):
-        return decider.decide(layer, self.host(self.rows(hidden)), self.host(self.rows(previous)))
-
-    def make_decider(self, model, policy):
-        from .early_exit import ExitDecider
-
-        return ExitDecider(model, policy)

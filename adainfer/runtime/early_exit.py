@@ -134,6 +134,17 @@ class Prediction:
     cost: TokenCost
 
 
+class HostDecisions:
+    """`Backend.decide` / `make_decider` for backends whose decider runs on the host (`ExitDecider`):
+    the last rows of this block's and the previous block's hidden states come to the host."""
+
+    def decide(self, decider, layer: int, hidden, previous):
+        return decider.decide(layer, self.host(self.rows(hidden)), self.host(self.rows(previous)))
+
+    def make_decider(self, model, policy):
+        return ExitDecider(model, policy)
+
+
 def predict(model, ids: Sequence[int], decider: Optional[ExitDecider] = None, want_logits: bool = False) -> Prediction:
     """Next-token prediction at the last position of `ids`, stopping early where `decider` says."""
     ids = model.check_ids(ids)

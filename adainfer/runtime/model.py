@@ -17,12 +17,11 @@ import numpy as np
 from ..errors import BundleError, InputError
 from . import chain
 from .backend import KVState, LayerRun
-from .bundle import Bundle, open_bundle
+from .bundle import Bundle
 from .decoding import Sampler, make_decoder
 from .early_exit import load_policy
-from .limits import (check_decoding, check_memory, check_options, check_text, check_threads, fit_prompt,
+from .limits import (check_decoding, check_memory, check_options, check_text, fit_prompt,
                      prompt_batch, step_ids, token_ids)
-from .sessions import DEFAULT_PROVIDERS
 from .tokenizer import StreamDecoder, TextTokenizer
 
 DecodeState = KVState  # what `start` returns and `step` takes: the backend's KV cache
@@ -292,13 +291,3 @@ class Model:
         if prompt_len + max_new_tokens > self.manifest.max_positions:
             raise InputError(f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds the model's "
                              f"{self.manifest.max_positions} positions")
-
-
-def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
-         check_digests: bool = True) -> Model:
-    """Load a bundle on the cpu backend (ONNX Runtime sessions, KV cache in numpy)."""
-    from .backends.cpu import CpuBackend
-
-    check_threads(threads)
-    bundle = open_bundle(bundle_dir, check_digests=check_digests)
-    return Model(bundle, CpuBackend(bundle, providers=providers, threads=threads))

@@ -15,6 +15,9 @@ from typing import Optional, Sequence
 
 from ...errors import InputError
 from ...manifest import check_bundle_path
+from ..bundle import open_bundle
+from ..limits import check_threads
+from ..model import Model
 from ..sessions import DEFAULT_PROVIDERS
 
 BACKENDS = ("cpu", "cpu-iobinding", "ort-cuda", "ort-trt", "tensorrt")
@@ -35,10 +38,6 @@ def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[
     Options: `max_batch` (ort-trt, tensorrt), `device_id` (ort-cuda, ort-trt)."""
     name = backend_name(backend)
     check_bundle_path(bundle_dir)
-    from ..bundle import open_bundle
-    from ..limits import check_threads
-    from ..model import Model
-
     check_threads(threads)
     if name == "cpu":
         if options:

@@ -15,8 +15,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ...errors import BundleError
-from ..backend import HostDecisions, KVState, kv_dtype
+from ..backend import KVState, kv_dtype
 from ..bundle import Bundle
+from ..early_exit import HostDecisions
 from ..sessions import DEFAULT_PROVIDERS, make_session
 
 

@@ -27,8 +27,9 @@ from typing import Optional
 import numpy as np
 
 from ...errors import BundleError, InputError
-from ..backend import HostDecisions, graph_dtype, kv_dtype
+from ..backend import graph_dtype, kv_dtype
 from ..bundle import ORT_DTYPES, Bundle
+from ..early_exit import HostDecisions
 from ..device_memory import DeviceTensor, HostMemory
 from ..gpu_errors import GpuUnavailableError
 from ..kv_buffers import BufferKVCache
