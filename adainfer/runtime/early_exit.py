@@ -154,7 +154,7 @@ def predict(model, ids: Sequence[int], decider: Optional[ExitDecider] = None, wa
     logits = None
     if run.token is not None and not want_logits:
         token = int(run.token[0])
-    elif decider is not None and decider.label_session is not None and not want_logits:
+    elif getattr(decider, "label_session", None) is not None and not want_logits:
         token = int(decider.answer(run.hidden[:, -1, :])[0])  # classification at full depth: label words only
     else:
         logits = model.final_logits(run.hidden[:, -1, :])[0]
