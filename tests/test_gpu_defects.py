@@ -95,7 +95,7 @@ def fake_cudart(count_result=None, count_raises=None):
 
 @pytest.mark.parametrize("rt,words", [
     (fake_cudart(count_raises=RuntimeError("Failed to dlopen libcuda.so.1")), "no CUDA driver could be loaded (Failed to dlopen libcuda.so.1)"),
-    (fake_cudart((Err.cudaErrorInsufficientDriver, 0)), "older than this cuda-python"),
+    (fake_cudart((Err.cudaErrorInsufficientDriver, 0)), "no usable NVIDIA driver (cudaErrorInsufficientDriver"),
 ])
 def test_cuda_start_failures_are_one_line_gpu_unavailable(monkeypatch, rt, words):
     monkeypatch.setattr(cuda_rt, "_CUDART", rt)

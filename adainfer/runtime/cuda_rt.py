@@ -3,9 +3,10 @@
 Imported lazily: importing this module never needs CUDA; `cudart()` does. cuda-python calls
 return a tuple whose first item is the error code (`err, ptr = cudaMalloc(n)`), as in
 TensorRT's samples/python/common_runtime.py. Every failure becomes one line: no cuda-python, a
-cuda-python outside the supported range, no loadable driver (cuda-python 12 raises
-`RuntimeError: Failed to dlopen libcuda.so.1` at the first call), a driver too old for this
-cuda-python (`cudaErrorInsufficientDriver`, what cuda-python 13 returns on a CUDA 12 driver),
+cuda-python outside the supported range, no loadable driver (older cuda-python 12 raises
+`RuntimeError: Failed to dlopen libcuda.so.1` at the first call; 12.9 and 13.4 return
+`cudaErrorInsufficientDriver` from cudaGetDeviceCount on a machine with no driver at all, seen
+here), a driver too old for this cuda-python (also `cudaErrorInsufficientDriver`),
 no device (`cudaErrorNoDevice`) are `GpuUnavailableError`; a failed call on a working device is
 `CudaError` naming the call and CUDA's error.
 
@@ -85,8 +86,8 @@ def device_count() -> int:
     if err == rt.cudaError_t.cudaErrorNoDevice:
         return 0
     if err == rt.cudaError_t.cudaErrorInsufficientDriver:
-        raise GpuUnavailableError("the NVIDIA driver is older than this cuda-python needs (cudaErrorInsufficientDriver): "
-                                  "update the driver, or install cuda-python matching it (12.x for CUDA 12 drivers)")
+        raise GpuUnavailableError("no usable NVIDIA driver (cudaErrorInsufficientDriver: none is installed, or it is older "
+                                  "than this cuda-python needs; install cuda-python matching the driver, 12.x for CUDA 12)")
     raise GpuUnavailableError(f"CUDA cannot start: {error_name(err)}")
 
 
