@@ -161,6 +161,10 @@ def copy_2d(dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, rows
                                    rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream), "cudaMemcpy2DAsync")
 
 
+def set_device(device: int) -> None:
+    check(cudart().cudaSetDevice(device), f"cudaSetDevice({device})")
+
+
 def new_stream():
     return check(cudart().cudaStreamCreate(), "cudaStreamCreate")
 

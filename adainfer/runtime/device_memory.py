@@ -79,16 +79,19 @@ class HostMemory:
 
 
 class CudaMemory:
-    """cudaMalloc'd memory and one CUDA stream, through cuda-python (`cuda_rt`)."""
+    """cudaMalloc'd memory and one CUDA stream, through cuda-python (`cuda_rt`). `synchronous`: wait
+    for every copy (ONNX Runtime runs its graphs on streams of its own, so a copy it reads next must
+    have finished; TensorRT runs on this stream, which orders them)."""
 
     device = "cuda"
 
-    def __init__(self, device_id: int = 0):
+    def __init__(self, device_id: int = 0, synchronous: bool = False):
         from . import cuda_rt
 
         self._rt = cuda_rt
-        self.device_id = device_id
+        self.device_id, self.synchronous = device_id, synchronous
         cuda_rt.require_gpu(need_tensorrt=False)
+        cuda_rt.set_device(device_id)
         self.cuda_stream = cuda_rt.new_stream()
 
     def alloc(self, nbytes: int):
@@ -96,6 +99,8 @@ class CudaMemory:
 
     def copy_2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, rows: int) -> None:
         self._rt.copy_2d(dst, dst_pitch, src, src_pitch, width, rows, self.cuda_stream)
+        if self.synchronous:
+            self._rt.synchronize(self.cuda_stream)
 
     def upload(self, ptr: int, array: np.ndarray) -> None:
         self._rt.upload(ptr, np.ascontiguousarray(array), self.cuda_stream)

@@ -92,7 +92,7 @@ class IoBindingBackend(HostDecisions):
         if memory is None:
             from ..device_memory import CudaMemory
 
-            memory = HostMemory() if name == "cpu-iobinding" else CudaMemory(device_id)
+            memory = HostMemory() if name == "cpu-iobinding" else CudaMemory(device_id, synchronous=True)
         self.memory = memory
         self.device = memory.device
         self.sessions = Sessions(bundle, lambda graph: providers_for(bundle, graph, name, device_id, max_batch), threads,
@@ -130,8 +130,10 @@ class IoBindingBackend(HostDecisions):
         """Positions and mask of the current step as values on the device, made once per step."""
         step = getattr(cache, "_step", None)
         if step is None or step[0] is not position_ids:
-            step = (position_ids, self._value(position_ids), self._value(cache.attention_mask))
-            cache._step = step
+            mask = cache.attention_mask if cache is not None else np.ones_like(position_ids)
+            step = (position_ids, self._value(position_ids), self._value(mask))
+            if cache is not None:
+                cache._step = step
         return step[1], step[2]
 
     # ------------------------------------------------------------------ the backend interface
