@@ -22,25 +22,31 @@ from .families import adapter_for
 from .graphs import graph_defs
 from .verify import verify_graph_structure
 
+HEAD_GRAPHS = ("embed", "exit_head", "final_head")
+
+
 def quantize_graphs(model, tmp: Path, manifest: Manifest, precision: str, heads: bool, verify: bool,
-                    threshold: int, block_size: int) -> Manifest:
+                    threshold: int, block_size: int, grid: str = "gguf", head_bits: Optional[int] = None) -> Manifest:
     """Convert the verified float32 graphs of the bundle in `tmp` in place, check each one's structure, judge
-    the converted chain's quality on held-out text against `model` (float32), rewrite the manifest."""
+    the converted chain's quality on held-out text against `model` (float32), rewrite the manifest.
+    `grid`, `head_bits`: int4 only (`quantize.convert`)."""
     from .writer import _graph_spec, _share
 
     defs = {gdef.name: gdef for gdef in graph_defs(adapter_for(model))}
     graphs = dict(manifest.graphs)
     for name, spec in manifest.graphs.items():
         if not (name in manifest.block_names or name.startswith("kv_fill_")
-                or (heads and name in ("embed", "exit_head", "final_head"))):
+                or (heads and name in HEAD_GRAPHS)):
             continue
         path = tmp / spec.file
-        quantize.convert(path, path, precision, external_data_threshold=threshold, block_size=block_size)
+        bits = head_bits if precision == "int4" and name in HEAD_GRAPHS else None
+        quantize.convert(path, path, precision, external_data_threshold=threshold, block_size=block_size, grid=grid,
+                         bits=bits)
         if verify:
             with torch.no_grad():
                 verify_graph_structure(defs[name], path)
         graphs[name] = dataclasses.replace(_graph_spec(path), precision=precision)
-    info = {"precision": precision, "quantize_heads": heads, **quantize.nbits_settings(precision, block_size),
+    info = {"precision": precision, "quantize_heads": heads, **quantize.nbits_settings(precision, block_size, grid, head_bits),
             "verified": verify, "onnxruntime": quantize.ort_version()}
     # the converted graphs hold their weights inline again: store what several of them hold once more
     files = {k: v for k, v in manifest.files.items() if k != "shared_weights"}
@@ -59,13 +65,16 @@ def quantize_graphs(model, tmp: Path, manifest: Manifest, precision: str, heads:
 
 def convert_bundle(model, src: Path, out_dir: Path, precision: str, *, quantize_heads: Optional[bool] = None,
                    block_size: int = quantize.NBITS_BLOCK_SIZE, force: bool = False, verify: bool = True,
-                   external_data_threshold: int = 1 << 30) -> Manifest:
+                   external_data_threshold: int = 1 << 30, grid: str = "gguf",
+                   head_bits: Optional[int] = None) -> Manifest:
     """Write `out_dir`: the float32 bundle `src` (exported from `model`) at `precision`, checked as an export is."""
     from ..errors import ExportError
     from ..manifest import Manifest
 
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
+    quantize.check_grid(grid)
+    quantize.check_head_bits(head_bits)
     heads = quantize.heads_by_default(precision) if quantize_heads is None else quantize_heads
     manifest = Manifest.load(src)
     if any(g.precision != "fp32" for g in manifest.graphs.values()):
@@ -81,5 +90,5 @@ def convert_bundle(model, src: Path, out_dir: Path, precision: str, *, quantize_
         manifest = dataclasses.replace(manifest, attachments={})
         manifest.save(tmp)
         manifest = quantize_graphs(model.eval().float(), tmp, manifest, precision, heads, verify,
-                                   external_data_threshold, block_size)
+                                   external_data_threshold, block_size, grid, head_bits)
     return manifest
