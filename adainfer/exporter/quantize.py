@@ -302,8 +302,12 @@ def _to_nbits(src: Path, dst: Path, model: onnx.ModelProto, bits: int, block_siz
         config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=bits,
                                               accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=op_types,
                                               quant_axes=(("MatMul", 0), ("Gather", 1)))
+        # the quantizer converts every node of `op_types` whatever nodes_to_include says: exclude the others
+        # (the GGUF offset MatMuls must stay float)
+        excluded = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in matmuls + gathers]
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                          accuracy_level=ACCURACY_LEVEL, nodes_to_include=matmuls + gathers,
+                                         nodes_to_exclude=excluded,
                                          op_types_to_quantize=op_types, algo_config=config)
         quantizer.process()
         model = quantizer.model.model
@@ -345,6 +349,7 @@ def convert(src: Path, dst: Path, precision: str, external_data_threshold: int =
     """
     check_precision(precision)
     check_block_size(block_size)
+    check_grid(grid)
     src, dst = Path(src), Path(dst)
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as scratch:
         scratch = Path(scratch)
@@ -366,7 +371,7 @@ def convert(src: Path, dst: Path, precision: str, external_data_threshold: int =
                     result = onnx.load(str(out))
                 else:
                     # int4 keeps GGUF grids (4- or 8-bit) unless asked to round again or for 4-bit heads
-                    exact = precision == "int4" and check_grid(grid) == "gguf" and bits != 4
+                    exact = precision == "int4" and grid == "gguf" and bits != 4
                     result = _to_nbits(named_src, out, model, bits or NBITS[precision], block_size, exact=exact)
             weight_bytes = sum(len(t.raw_data) for t in result.graph.initializer)
             for stale in (src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")):
