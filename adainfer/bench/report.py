@@ -38,7 +38,8 @@ def machine(threads: int) -> dict:
 #: decode-time targets (issue 11): contender ÷ reference at most this
 TARGETS = {("chain_full", "genai_fp32"): 1.05, ("chain_int4", "genai_int4"): 1.10, ("chain_int4", "llamacpp"): 1.10}
 #: ratios reported without a target: what the chain's calls add to the same kernels
-OVERHEADS = (("chain_int4", "monolithic_int4"), ("chain_full", "monolithic"))
+OVERHEADS = (("chain_int4", "monolithic_int4"), ("chain_full", "monolithic"), ("chain_full", "span_fp32"),
+             ("chain_int4", "span_int4"))
 #: a forced exit after k of L blocks may cost at most k/L of full depth plus this
 FORCED_EXIT_SLACK = 0.05
 #: references every contender's decode time is divided by, when present

@@ -126,7 +126,8 @@ def bundle_for(source: dict, cache_dir: Path, progress: bool = True, precision: 
         try:
             manifest = Manifest.load(out)
             if (manifest.extras.get(SOURCE_KEY) == json.loads(json.dumps(source))
-                    and (precision != "fp32" or "monolithic" in manifest.attachments)):
+                    and (precision != "fp32" or "monolithic" in manifest.attachments)
+                    and _current_quantization(manifest, precision)):
                 return out
         except AdainferError:
             pass
@@ -149,6 +150,15 @@ def bundle_for(source: dict, cache_dir: Path, progress: bool = True, precision: 
     manifest = dataclasses.replace(manifest, extras={**manifest.extras, SOURCE_KEY: source})
     manifest.save(out)
     return out
+
+
+def _current_quantization(manifest, precision: str) -> bool:
+    """Whether a cached bundle was converted with today's settings (e.g. before projections were fused, it was not)."""
+    from ..exporter import quantize
+
+    wanted = quantize.nbits_settings(precision) if precision in quantize.PRECISIONS else {}
+    recorded = manifest.extras.get("quantization", {})
+    return all(recorded.get(k) == v for k, v in wanted.items())
 
 
 def monolithic_at(source: dict, cache_dir: Path, precision: str, progress: bool = True) -> Path:
