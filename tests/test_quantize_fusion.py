@@ -122,3 +122,39 @@ def test_bad_grid_and_head_bits_are_refused(tmp_path):
         quantize.convert(tmp_path / "none.onnx", tmp_path / "out.onnx", "int4", grid="nearest")
     with pytest.raises(ExportError, match="unsupported head bits 3"):
         quantize.check_head_bits(3)
+
+
+def test_fp32_bundle_with_8_bit_heads_keeps_float_blocks_and_passes_its_quality_check(stories_hf, tmp_path):
+    """`precision="fp32", head_bits=8`: the exit and final heads become 8-bit MatMulNBits (one tied weight, stored
+    once), the embedding and every block stay float32 (byte for byte), the chain's logits stay close to float32's
+    and the manifest records the heads' bits and the quality check against its stated thresholds."""
+    import adainfer.runtime as rt
+    from adainfer.exporter import export_model
+    from adainfer.exporter.quality import THRESHOLDS
+    from conftest import STORIES_DIR
+
+    plain = export_model(stories_hf, tmp_path / "fp32", model_dir=STORIES_DIR)
+    manifest = export_model(stories_hf, tmp_path / "head8", model_dir=STORIES_DIR, precision="fp32", head_bits=8)
+    def weights(bundle, name):
+        model = onnx.load(str(tmp_path / bundle / plain.graphs[name].file))  # external data (shared file) included
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}, [n.op_type for n in model.graph.node]
+
+    for name in ("embed", *manifest.block_names):
+        assert manifest.graphs[name].precision == "fp32"
+        (a, ops_a), (b, ops_b) = weights("fp32", name), weights("head8", name)
+        assert ops_a == ops_b and a.keys() == b.keys(), name
+        assert all(np.array_equal(a[k], b[k]) for k in a), name
+    for name in ("exit_head", "final_head"):
+        assert manifest.graphs[name].precision == "int8"
+        model = onnx.load(str(tmp_path / "head8" / manifest.graphs[name].file))
+        (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert {a.name: a.i for a in node.attribute}["bits"] == 8
+    info = manifest.extras["quantization"]
+    assert info["precision"] == "fp32" and info["head_bits"] == 8
+    assert (info["quality"]["min_top1_agreement"], info["quality"]["max_perplexity_ratio"]) == THRESHOLDS["fp32-head8"]
+    assert info["quality"]["top1_agreement"] >= 0.95
+    prompts = [[1, 5, 9, 30, 7], [1, 200, 3]]
+    want = rt.load(tmp_path / "fp32").last_logits(prompts)
+    got = rt.load(tmp_path / "head8").last_logits(prompts)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).all()

@@ -277,6 +277,12 @@ def build(name: str, bundle: Path, threads: int, model=None):
         contender.name = name
         return contender
     model = model if model is not None else load_chain(bundle, threads)
+    if "_exit@" in name and not name.startswith("chain_exit@"):  # chain_<precision>_exit@K: on that bundle
+        from ..runtime.early_exit import ExitDecider
+        from ..runtime.exit_policy import ExitPolicy
+
+        k = int(name.split("@")[1])
+        return EarlyExit(model, ExitDecider(model, ExitPolicy.forced(k)), name, layers=k)
     if name == "chain_full" or (name.startswith("chain_") and "@" not in name and name != "chain_classifier"):
         contender = Chain(model)
         contender.name = name

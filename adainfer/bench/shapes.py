@@ -23,6 +23,8 @@ SHAPES = {
 }
 SEED = 0
 SOURCE_KEY = "bench_source"
+#: bench-only precision names: float32 blocks with the LM heads at this many bits (`adainfer-export --head-bits`)
+HEAD_VARIANTS = {"fp32-head8": 8, "fp32-head4": 4}
 
 
 class BenchError(AdainferError):
@@ -145,6 +147,8 @@ def bundle_for(source: dict, cache_dir: Path, progress: bool = True, precision: 
     if fp32 is None:
         manifest = export_model(model, out, model_dir=model_dir, force=True, verify=True, progress=progress,
                                 monolithic=True)
+    elif precision in HEAD_VARIANTS:  # float32 blocks, quantized LM heads
+        manifest = convert_bundle(model, fp32, out, "fp32", force=True, head_bits=HEAD_VARIANTS[precision])
     else:  # converted from the cached float32 bundle (checked as an export is), not exported again
         manifest = convert_bundle(model, fp32, out, precision, force=True)
     manifest = dataclasses.replace(manifest, extras={**manifest.extras, SOURCE_KEY: source})

@@ -97,9 +97,10 @@ def main(args) -> int:
     if args.repeats < 1 or args.decode_tokens < 1 or args.warmup < 0:
         raise InputError("--repeats and --decode-tokens must be at least 1, --warmup at least 0")
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    unknown = [p for p in precisions if p not in PRECISIONS]
+    known = (*PRECISIONS, *shapes.HEAD_VARIANTS)
+    unknown = [p for p in precisions if p not in known]
     if unknown or "fp32" not in precisions:
-        raise InputError(f"--precisions: choose from {', '.join(PRECISIONS)}, fp32 included")
+        raise InputError(f"--precisions: choose from {', '.join(known)}, fp32 included")
     threads = args.threads or os.cpu_count() or 1
     wanted = _wanted(args)
     peer_python = args.peer_python or sys.executable
@@ -177,7 +178,8 @@ def main(args) -> int:
         except AdainferError as exc:  # e.g. refused by its quality check
             unavailable[name] = {"status": "refused", "reason": str(exc)}
             continue
-        ours([name], converted, bundle_size(converted))
+        exits = [f"{name}_exit@{k}" for k in forced if wanted(f"{name}_exit@{k}")]
+        ours([name, *exits], converted, bundle_size(converted))
         if wanted(f"span_{precision}"):
             ours([f"span_{precision}"], converted, None)
         if precision == "int4" and wanted("monolithic_int4"):  # the same int4 kernels without the chain's calls

@@ -32,8 +32,10 @@ def parser() -> argparse.ArgumentParser:
                    help="int4: weights already on a GGUF 4/8-bit grid are re-encoded exactly (gguf, default) or rounded "
                         "to a new symmetric 4-bit grid as onnxruntime-genai does (rtn: faster, less faithful)")
     p.add_argument("--head-bits", type=int, choices=HEAD_BITS, default=None,
-                   help="int4: bits of the embedding and LM heads (default: as the blocks; a GGUF Q8_0 table stays 8-bit); "
-                        "4 halves the bytes the LM head reads per token")
+                   help="int4: bits of the embedding and LM heads (default: as the blocks; a GGUF Q8_0 table stays 8-bit; "
+                        "4 halves the bytes the LM head reads per token). fp32: convert only the exit and final heads to "
+                        "8- or 4-bit MatMulNBits (float32 blocks; the head is read at every token and every exit), "
+                        "judged by the quality check instead of equality")
     p.add_argument("--quantize-heads", action=argparse.BooleanOptionalAction, default=None,
                    help="convert the embedding and both heads to --precision too (default: yes for int4, no otherwise)")
     p.add_argument("--monolithic", action="store_true",

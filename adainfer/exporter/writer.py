@@ -190,7 +190,7 @@ def export_model(
             verify_against_transformers(model, tmp)
         if monolithic:
             manifest = whole_model.add_to_bundle(model, adapter, tmp, manifest, verify, external_data_threshold)
-        if precision != "fp32":
+        if precision != "fp32" or head_bits is not None:  # fp32 with head_bits: only the LM heads are converted
             manifest = convert.quantize_graphs(model, tmp, manifest, precision, quantize_heads, verify,
                                                external_data_threshold, block_size, grid, head_bits)
     return manifest
