@@ -158,3 +158,23 @@ def test_fp32_bundle_with_8_bit_heads_keeps_float_blocks_and_passes_its_quality_
     got = rt.load(tmp_path / "head8").last_logits(prompts)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_a_converted_head_keeps_no_dead_float_weights(tmp_path):
+    """A Gemm(transB) head on a GGUF Q8_0 table (a tied embedding) converted to int4 holds only the re-encoded 8-bit
+    weight, not the float table as well."""
+    rng = np.random.default_rng(4)
+    q8 = rng.integers(-127, 128, (96, K // 32, 32))
+    q8[:, :, 0] = 127
+    table = (rng.uniform(0.001, 0.01, (96, K // 32, 1)) * q8).reshape(96, K).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "E"], ["y"], transB=1, name="head")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 96])],
+                              [numpy_helper.from_array(table, "E")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "head.onnx"))
+    quantize.convert(tmp_path / "head.onnx", tmp_path / "int4.onnx", "int4")
+    inits = onnx.load(str(tmp_path / "int4.onnx")).graph.initializer
+    assert not [t.name for t in inits if t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 96 * K]
+    assert (tmp_path / "int4.onnx").stat().st_size < table.nbytes / 2

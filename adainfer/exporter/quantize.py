@@ -316,6 +316,16 @@ def _to_nbits(src: Path, dst: Path, model: onnx.ModelProto, bits: int, block_siz
     return model
 
 
+def _drop_unused(model: onnx.ModelProto) -> None:
+    """Remove initializers no node reads (e.g. a Gemm's weight after `gemm_to_matmul` and re-encoding): a converted
+    int4 head kept its whole float32 table (113 MB on SmolLM2) as dead weight."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    if len(kept) < len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+
+
 def ort_version() -> str:
     import onnxruntime
 
@@ -373,6 +383,7 @@ def convert(src: Path, dst: Path, precision: str, external_data_threshold: int =
                     # int4 keeps GGUF grids (4- or 8-bit) unless asked to round again or for 4-bit heads
                     exact = precision == "int4" and grid == "gguf" and bits != 4
                     result = _to_nbits(named_src, out, model, bits or NBITS[precision], block_size, exact=exact)
+            _drop_unused(result)
             weight_bytes = sum(len(t.raw_data) for t in result.graph.initializer)
             for stale in (src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")):
                 stale.unlink(missing_ok=True)
