@@ -43,7 +43,8 @@ def register(sub) -> None:
     p.add_argument("--precisions", default=",".join(PRECISIONS),
                    help=f"our chain's precisions, comma-separated (default {','.join(PRECISIONS)})")
     p.add_argument("--contenders", default=None,
-                   help="only these contenders, comma-separated names (e.g. chain_full,chain_int4,genai_int4,llamacpp)")
+                   help="only these contenders, comma-separated names (e.g. chain_full,chain_int4,genai_int4,llamacpp); "
+                        "span_<precision> (the blocks as one graph) and chain_<precision>_exit@K run only when named")
     p.add_argument("--peer-python", default=None, metavar="PYTHON",
                    help="interpreter that runs onnxruntime-genai and llama.cpp (default: this one)")
     p.add_argument("--no-peers", action="store_true", help="leave out onnxruntime-genai and llama.cpp")
@@ -62,6 +63,8 @@ def _wanted(args):
             return not args.no_transformers
         if name.startswith(("genai_", "llamacpp")):
             return not args.no_peers
+        if name.startswith("span_") or ("_exit@" in name and not name.startswith("chain_exit@")):
+            return False  # spans and a converted bundle's forced exits: only when named in --contenders
         return name != "monolithic_spinning"
 
     return wanted
