@@ -24,7 +24,7 @@ MatMul + Add, since neither quantizer converts Gemm. For the MatMulNBits precisi
 read the same input (q/k/v, gate/up) are first fused into one MatMul on their concatenated weights
 and a Split (`fuse_projections`), as onnxruntime-genai's builder writes `qkv_proj`: one quantized
 kernel (and, for a GGUF grid, one float offset term) instead of three. On SmolLM2 int4 a block
-went from 53 to 37 nodes (docs/bench/speed-profile.md).
+went from 53 to 46 nodes after ONNX Runtime's optimizer (docs/bench/speed-profile.md).
 
 Weights on a GGUF grid are re-encoded exactly (`grid="gguf"`, the default, `gguf_grid.py`);
 `grid="rtn"` rounds every weight to a new symmetric 4-bit grid instead, as onnxruntime-genai does
