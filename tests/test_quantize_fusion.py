@@ -178,3 +178,13 @@ def test_a_converted_head_keeps_no_dead_float_weights(tmp_path):
     inits = onnx.load(str(tmp_path / "int4.onnx")).graph.initializer
     assert not [t.name for t in inits if t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 96 * K]
     assert (tmp_path / "int4.onnx").stat().st_size < table.nbytes / 2
+
+
+def test_grid_and_head_bits_are_refused_where_they_would_be_ignored(tmp_path):
+    from conftest import run_cli
+
+    code, _, err = run_cli("adainfer-export", "-o", str(tmp_path / "b"), "--precision", "int8-weight", "--head-bits", "8")
+    assert code == 2 and "--head-bits applies to --precision int4 or fp32 only (got int8-weight)" in err
+    code, _, err = run_cli("adainfer-export", "-o", str(tmp_path / "b"), "--grid", "rtn")
+    assert code == 2 and "--grid rtn applies to --precision int4 only (got fp32)" in err
+    assert not (tmp_path / "b").exists()

@@ -86,8 +86,7 @@ def convert_bundle(model, src: Path, out_dir: Path, precision: str, *, quantize_
 
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
-    quantize.check_grid(grid)
-    quantize.check_head_bits(head_bits)
+    quantize.check_options(precision, grid, head_bits)
     heads = quantize.heads_by_default(precision) if quantize_heads is None else quantize_heads
     manifest = Manifest.load(src)
     if any(g.precision != "fp32" for g in manifest.graphs.values()):

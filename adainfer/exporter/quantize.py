@@ -106,6 +106,16 @@ def check_head_bits(head_bits) -> None:
         raise ExportError(f"unsupported head bits {head_bits} (choose from {', '.join(map(str, HEAD_BITS))})")
 
 
+def check_options(precision: str, grid: str, head_bits) -> None:
+    """`grid` is int4's, `head_bits` int4's or a float32 bundle's: refuse them where they would be ignored."""
+    check_grid(grid)
+    check_head_bits(head_bits)
+    if grid != "gguf" and precision != "int4":
+        raise ExportError(f"--grid {grid} applies to --precision int4 only (got {precision})")
+    if head_bits is not None and precision not in ("int4", "fp32"):
+        raise ExportError(f"--head-bits applies to --precision int4 or fp32 only (got {precision})")
+
+
 def nbits_settings(precision: str, block_size: int = NBITS_BLOCK_SIZE, grid: str = "gguf",
                    head_bits=None) -> dict:
     """What the manifest records for a MatMulNBits precision ({} for the others)."""

@@ -111,6 +111,7 @@ def export(
     manifest records it under `source`."""
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
+    quantize.check_options(precision, grid, head_bits)
     model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
     gguf = gguf_source.find_gguf(model_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_bundle_dir(model_dir)
@@ -168,8 +169,7 @@ def export_model(
     """
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
-    quantize.check_grid(grid)
-    quantize.check_head_bits(head_bits)
+    quantize.check_options(precision, grid, head_bits)
     quantize_heads = quantize.heads_by_default(precision) if quantize_heads is None else quantize_heads
     out_dir = Path(out_dir)
     staging.check_not_inside(out_dir, model_dir)
