@@ -49,6 +49,8 @@ class Graph:
         self.names = [i.name for i in inputs]
         self.past = [i for i in inputs if i.name.startswith("past")]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        config = Path(path).with_name("genai_config.json")  # genai's cache width is symbolic in its graph
+        self.head_dim = json.loads(config.read_text())["model"]["decoder"]["head_size"] if config.is_file() else 64
 
     def _feeds(self, ids: list[int], start: int, past: list) -> dict:
         n = len(ids)
@@ -59,7 +61,7 @@ class Graph:
         return feeds
 
     def decode(self, prompt: list[int], tokens: int) -> tuple[list[float], list[int]]:
-        past = [np.zeros((1, i.shape[1], 0, i.shape[3] if isinstance(i.shape[3], int) else 64), np.float32)
+        past = [np.zeros((1, i.shape[1], 0, i.shape[3] if isinstance(i.shape[3], int) else self.head_dim), np.float32)
                 for i in self.past]
         out = self.session.run(None, self._feeds(prompt, 0, past))
         token, length, times, produced = int(out[0].reshape(-1, out[0].shape[-1])[-1].argmax()), len(prompt), [], []
