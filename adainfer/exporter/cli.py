@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..cli_common import ArgumentParser, run_main
 from ..paths import DEFAULT_CALIB_DATA, DEFAULT_MODEL_DIR
+from .kv_cache import DEFAULT_MARGIN, KV_DTYPES, KV_SCALINGS
 from .quantize import BLOCK_SIZES, NBITS_BLOCK_SIZE, PRECISIONS
 
 
@@ -28,6 +29,13 @@ def parser() -> argparse.ArgumentParser:
                         "top-1 agreement and perplexity on held-out text within stated thresholds. Default: fp32")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=NBITS_BLOCK_SIZE,
                    help=f"MatMulNBits block along K for int8-weight and int4 (default {NBITS_BLOCK_SIZE})")
+    p.add_argument("--kv", choices=KV_DTYPES, default="float32",
+                   help="KV cache type: int8 keeps keys and values as int8 with static scales calibrated on the bundled "
+                        "TinyStories text (fused Llama blocks only; 0.25x the float32 bytes per token). Default: float32")
+    p.add_argument("--kv-scaling", choices=KV_SCALINGS, default="per-channel",
+                   help="int8 KV scales: one per layer, head and channel (default) or one per layer (per-tensor)")
+    p.add_argument("--kv-margin", type=float, default=DEFAULT_MARGIN,
+                   help=f"int8 KV scales cover this many times the calibrated max |key| / |value| (default {DEFAULT_MARGIN})")
     p.add_argument("--quantize-heads", action=argparse.BooleanOptionalAction, default=None,
                    help="convert the embedding and both heads to --precision too (default: yes for int4, no otherwise)")
     p.add_argument("--monolithic", action="store_true",
@@ -53,7 +61,7 @@ def main(argv=None) -> int:
         out = args.output or default_bundle_dir(model_dir)
         manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet, monolithic=args.monolithic,
                           precision=args.precision, quantize_heads=args.quantize_heads, fused=not args.generic_blocks,
-                          block_size=args.block_size)
+                          block_size=args.block_size, kv=args.kv, kv_scaling=args.kv_scaling, kv_margin=args.kv_margin)
         print(f"wrote {out}: {manifest.family} ({manifest.model_type}), {manifest.num_layers} blocks, "
               f"hidden {manifest.hidden_size}, vocab {manifest.vocab_size}")
         data = args.calib or (DEFAULT_CALIB_DATA if args.model_dir is None and not args.no_calib else None)

@@ -223,7 +223,7 @@ class Model:
 
     def new_state(self, batch: int) -> DecodeState:
         m = self.manifest
-        empty = np.zeros((batch, m.num_kv_heads, 0, m.head_dim), dtype=np.float32)
+        empty = np.zeros((batch, m.num_kv_heads, 0, m.head_dim), dtype=m.kv_dtype)  # int8 with `--kv int8`
         return DecodeState(keys=[empty] * m.num_layers, values=[empty] * m.num_layers,
                            attention_mask=np.zeros((batch, 0), dtype=np.int64),
                            next_position=np.zeros(batch, dtype=np.int64))
