@@ -6,7 +6,8 @@
 
 On SmolLM2-135M-Instruct (the float32 bundle exported from its Q4_1 GGUF; `--gguf` exports it first).
 Every variant is converted from that one float32 bundle: `convert_bundle` for the weights (fp16, int8-dynamic
-= W8A8, int4 = W4 MatMulNBits with blocks of 32 or 128; with `verify=False`, so that a precision the export's
+= W8A8, int4 = W4 MatMulNBits with blocks of 32 or 128, the embedding and heads float32 for every precision (the
+classification label head is cut from a float final head); with `verify=False`, so that a precision the export's
 quality gate refuses (W8A8 on SmolLM2) is still measured: the table says which the gate refuses, judged on the
 study's own TinyStories sample, which is the gate's), and
 `convert_kv_bundle` for the int8 KV cache (KV8, before the weights). Measured per variant:
@@ -151,8 +152,10 @@ def build_variant(name: str, fp32: Path, work: Path, hf_model, kv_fp32: dict) ->
         if precision == "fp32":
             return source, {**info, "gate": "passes"}
     out = work / name
-    convert_bundle(hf_model, source, out, precision, block_size=block, force=True, verify=False)
-    return out, info
+    # heads stay float32 for every precision: the label head that answers (and decides) classification is cut
+    # from the float final head (`calib.head_graphs.label_head` cannot cut an int4 MatMulNBits head)
+    convert_bundle(hf_model, source, out, precision, block_size=block, quantize_heads=False, force=True, verify=False)
+    return out, {**info, "quantize_heads": False}
 
 
 def gate(precision: str, row: dict, fp32_row: dict) -> str:
