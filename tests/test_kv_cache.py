@@ -156,3 +156,16 @@ def test_manifest_refuses_a_cache_dtype_that_disagrees_with_the_graphs(bundles):
     data["kv_cache"]["scaling"] = "per-token"
     with pytest.raises(BundleError, match="kv_cache.scaling"):
         Manifest.from_dict(data)
+
+
+@pytest.mark.parametrize("precision", ["int4", "fp16"])
+def test_quantized_weights_with_an_int8_cache_pass_their_checks(precision, tmp_path, bundles):
+    """The weight conversion runs after the cache's: its structural check feeds the int8 graphs their encoding."""
+    _, int8 = bundles
+    manifest = export(DEFAULT_MODEL_DIR, tmp_path / precision, progress=False, kv="int8", precision=precision)
+    assert manifest.kv_cache.dtype == "int8" and manifest.extras["quantization"]["quality"]["top1_agreement"] > 0.8
+    assert all(manifest.graphs[n].precision == precision for n in manifest.block_names)
+    assert np.array_equal(kv_cache.block_scales(tmp_path / precision / "block_00.onnx")[0],
+                          kv_cache.block_scales(int8 / "block_00.onnx")[0])  # the same calibration
+    model = rt.load(tmp_path / precision)
+    assert model.generate("Once upon a time", max_new_tokens=8, mode="early-exit", policy=ExitPolicy.forced(2)).tokens

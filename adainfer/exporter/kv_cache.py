@@ -156,6 +156,15 @@ def rewrite_fill(path: Path, k_scale: np.ndarray, v_scale: np.ndarray) -> None:
     onnx.checker.check_model(str(path))
 
 
+def graph_scales(path: Path) -> dict[str, np.ndarray]:
+    """Input / output name -> its int8 scale, for a block or kv_fill graph with an int8 cache ({} for a float one)."""
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    names = {"past_key": "kv_cache.k_scale", "present_key": "kv_cache.k_scale", "past_value": "kv_cache.v_scale",
+             "present_value": "kv_cache.v_scale", "key": "kv_cache.key_scale", "value": "kv_cache.value_scale"}
+    return {io: numpy_helper.to_array(inits[init]) for io, init in names.items() if init in inits}
+
+
 def block_scales(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The (k_scale, v_scale) a rewritten block graph holds."""
     model = onnx.load(str(path), load_external_data=False)
