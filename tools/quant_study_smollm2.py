@@ -253,14 +253,20 @@ def plots(report: dict, out: Path) -> list[str]:
 
     rows = report["rows"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = 2.0  # broken variants (W8A8: ratios in the millions) are drawn at the top edge, their values written
     for key, marker, label in (("tinystories_ratio", "o", "TinyStories (held-out)"), ("agnews_ratio", "s", "AG News articles")):
-        ax.scatter([r["bundle_mb"] for r in rows], [r[key] for r in rows], marker=marker, label=label)
-        for r in rows:
-            ax.annotate(r["variant"], (r["bundle_mb"], r[key]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.scatter([r["bundle_mb"] for r in rows], [min(r[key], top) for r in rows], marker=marker, label=label, alpha=0.7)
+    seen: dict = {}
+    for r in rows:  # one label per variant, stacked where variants share a size
+        k = seen[round(r["bundle_mb"])] = seen.get(round(r["bundle_mb"]), -1) + 1
+        y = min(r["tinystories_ratio"], top)
+        text = r["variant"] if r["tinystories_ratio"] <= top else \
+            f"{r['variant']} (×{r['tinystories_ratio']:.0e} / ×{r['agnews_ratio']:.0e}, off scale)"
+        ax.annotate(text, (r["bundle_mb"], y), textcoords="offset points", xytext=(6, 4 + 10 * k), fontsize=7)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-    ax.set_yscale("log")
+    ax.set_ylim(0.95, top * 1.05)
     ax.set_xlabel("bundle size on disk (MB)")
-    ax.set_ylabel("perplexity ÷ fp32's (log scale)")
+    ax.set_ylabel("perplexity ÷ fp32's")
     ax.set_title("SmolLM2-135M-Instruct: quality against size", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -308,8 +314,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-early-exit", action="store_true")
+    p.add_argument("--replot", type=Path, help="only redraw the plots of a finished run from its JSON")
     p.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.replot:
+        print(plots(json.loads(args.replot.read_text()), args.replot.with_suffix("")))
+        return 0
     if args.measure:
         measure_main(*args.measure)
         return 0
