@@ -119,6 +119,25 @@ SOURCE_FORMATS = ("gguf",)
 
 
 @dataclass(frozen=True)
+class KVCacheFormat:
+    """A quantized KV cache (exporter/kv_cache.py): the block graphs' past/present keys and values are
+    `dtype`, scaled by static scales inside each block graph; omitted from the JSON for a float32 cache."""
+
+    dtype: str  # "int8"
+    scaling: str  # "per-channel": one scale per layer, K/V, KV head and channel; "per-tensor": one per layer and K/V
+    margin: float  # scale = margin * calibrated max |x| / 127
+    calibration: str  # the text the scales were taken from
+    bytes_per_token: int  # keys and values of every layer, one token
+    float32_bytes_per_token: int  # the same with a float32 cache
+    scale_bytes: int  # the static scales, once per bundle (in the block graphs)
+    quality: dict[str, Any] = field(default_factory=dict)  # the export's check on held-out text, when verified
+
+
+KV_CACHE_DTYPES = ("int8",)
+KV_CACHE_SCALINGS = ("per-channel", "per-tensor")
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the runtime needs to chain the graphs without the original model."""
 
@@ -145,6 +164,8 @@ class Manifest:
     attachments: dict[str, FileSpec] = field(default_factory=dict)
     #: where the weights came from when not a Hugging Face directory; omitted from the JSON when None
     source: Optional[ModelSource] = None
+    #: a quantized KV cache; None (omitted from the JSON): float32
+    kv_cache: Optional[KVCacheFormat] = None
 
     @staticmethod
     def block_name(index: int) -> str:
@@ -154,10 +175,18 @@ class Manifest:
     def block_names(self) -> list[str]:
         return [self.block_name(i) for i in range(self.num_layers)]
 
+    @property
+    def kv_dtype(self) -> str:
+        """The dtype of the block graphs' past_key / past_value inputs: what an empty KV cache is made of."""
+        if not self.num_layers:
+            return "float32"
+        return next((t.dtype for t in self.graphs[self.block_name(0)].inputs if t.name == "past_key"), "float32")
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        if data["source"] is None:  # manifests (and digests) of bundles without a recorded source stay as they were
-            del data["source"]
+        for optional in ("source", "kv_cache"):  # manifests (and digests) of bundles without them stay as they were
+            if data[optional] is None:
+                del data[optional]
         return data
 
     def to_json(self) -> str:
@@ -257,6 +286,26 @@ class Manifest:
                 raise BundleError(f"manifest.json: {where} is negative")
         if self.source is not None:
             _check_source(self.source)
+        self._check_kv_cache()
+
+    def _check_kv_cache(self) -> None:
+        """Every block's cache tensors have one dtype, the one `kv_cache` states (float32 without it)."""
+        kv = self.kv_cache
+        if kv is not None:
+            if kv.dtype not in KV_CACHE_DTYPES:
+                raise BundleError(f"manifest.json: kv_cache.dtype {kv.dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+            if kv.scaling not in KV_CACHE_SCALINGS:
+                raise BundleError(f"manifest.json: kv_cache.scaling {kv.scaling!r} is not one of {', '.join(KV_CACHE_SCALINGS)}")
+            if not 1.0 <= kv.margin <= 4.0:
+                raise BundleError(f"manifest.json: kv_cache.margin {kv.margin} is outside [1, 4]")
+            for what in ("bytes_per_token", "float32_bytes_per_token", "scale_bytes"):
+                if getattr(kv, what) < 0:
+                    raise BundleError(f"manifest.json: kv_cache.{what} is negative")
+        expected = kv.dtype if kv is not None else "float32"
+        for name in self.block_names:
+            for t in [*self.graphs[name].inputs, *self.graphs[name].outputs]:
+                if t.name in kv_names() and t.dtype != expected and not (kv is None and t.dtype in MODEL_DTYPES):
+                    raise BundleError(f"manifest.json: graphs.{name} {t.name} is {t.dtype}, the KV cache is {expected}")
 
     def _check_geometry(self) -> None:
         """The graphs' tensor specs agree with the geometry: the tensors the runtime feeds exist

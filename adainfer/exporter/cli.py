@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..cli_common import ArgumentParser, run_main
 from ..paths import DEFAULT_CALIB_DATA, DEFAULT_MODEL_DIR
+from .kv_cache import DEFAULT_MARGIN, KV_DTYPES, KV_SCALINGS
 from .quantize import BLOCK_SIZES, GRIDS, HEAD_BITS, NBITS_BLOCK_SIZE, PRECISIONS
 
 
@@ -36,6 +37,13 @@ def parser() -> argparse.ArgumentParser:
                         "4 halves the bytes the LM head reads per token). fp32: convert only the exit and final heads to "
                         "8- or 4-bit MatMulNBits (float32 blocks; the head is read at every token and every exit), "
                         "judged by the quality check instead of equality")
+    p.add_argument("--kv", choices=KV_DTYPES, default="float32",
+                   help="KV cache type: int8 keeps keys and values as int8 with static scales calibrated on the bundled "
+                        "TinyStories text (fused Llama blocks only; 0.25x the float32 bytes per token). Default: float32")
+    p.add_argument("--kv-scaling", choices=KV_SCALINGS, default="per-channel",
+                   help="int8 KV scales: one per layer, head and channel (default) or one per layer (per-tensor)")
+    p.add_argument("--kv-margin", type=float, default=DEFAULT_MARGIN,
+                   help=f"int8 KV scales cover this many times the calibrated max |key| / |value| (default {DEFAULT_MARGIN})")
     p.add_argument("--quantize-heads", action=argparse.BooleanOptionalAction, default=None,
                    help="convert the embedding and both heads to --precision too (default: yes for int4, no otherwise)")
     p.add_argument("--monolithic", action="store_true",
@@ -61,7 +69,8 @@ def main(argv=None) -> int:
         out = args.output or default_bundle_dir(model_dir)
         manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet, monolithic=args.monolithic,
                           precision=args.precision, quantize_heads=args.quantize_heads, fused=not args.generic_blocks,
-                          block_size=args.block_size, grid=args.grid, head_bits=args.head_bits)
+                          block_size=args.block_size, grid=args.grid, head_bits=args.head_bits,
+                          kv=args.kv, kv_scaling=args.kv_scaling, kv_margin=args.kv_margin)
         print(f"wrote {out}: {manifest.family} ({manifest.model_type}), {manifest.num_layers} blocks, "
               f"hidden {manifest.hidden_size}, vocab {manifest.vocab_size}")
         data = args.calib or (DEFAULT_CALIB_DATA if args.model_dir is None and not args.no_calib else None)

@@ -74,17 +74,23 @@ def held_out_sequences(tokenizer_file: Optional[Path], vocab_size: int, bos_toke
         rng = np.random.default_rng(SEED)
         ids = [rng.integers(min(3, vocab_size - 1), vocab_size, size=max_tokens).tolist() for _ in range(stories)]
         return Sequences(ids, "random ids (no tokenizer)")
+    texts = [t.strip() for t in text.read_text(encoding="utf-8").split("<|endoftext|>") if t.strip()][:stories]
+    return text_sequences(texts, tokenizer_file, vocab_size, bos_token_id, max_tokens, text.name)
+
+
+def text_sequences(texts: list[str], tokenizer_file: Path, vocab_size: int, bos_token_id: Optional[int],
+                   max_tokens: int, source: str) -> Sequences:
+    """`texts` tokenized with the bundle's tokenizer (BOS first when the model has one), cut to `max_tokens`."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    texts = [t.strip() for t in text.read_text(encoding="utf-8").split("<|endoftext|>") if t.strip()][:stories]
     out = []
     for story in texts:
         ids = tokenizer.encode(story).ids
         if bos_token_id is not None and (not ids or ids[0] != bos_token_id):
             ids = [bos_token_id] + ids
         out.append([i for i in ids if 0 <= i < vocab_size][:max_tokens])
-    return Sequences(out, text.name)
+    return Sequences(out, source)
 
 
 def _nll_and_top1(logits: np.ndarray, ids: list[int]) -> tuple[float, np.ndarray]:

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import torch
 
 from ..errors import ExportError
+from . import kv_cache
 from .graphs import GraphDef, example_block_inputs, example_head_inputs
 
 #: error allowed relative to the reference's largest magnitude (floor 1)
@@ -82,14 +83,21 @@ def _outputs(gdef: GraphDef, path: Path, exact: bool = True):
     attention computes them differently from the torch block: `families/llama_fused.py`)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
+    scales = kv_cache.graph_scales(path)  # an int8 KV cache (--kv int8): fed and read through its own encoding
     for case in _cases(gdef, exact=exact):
         if gdef.build is not None and case["hidden_states"].shape[0] > 1 and case.get("past_key") is not None \
                 and case["past_key"].shape[2] > 0 and case["hidden_states"].shape[1] > 1:
             continue  # fused attention refuses several tokens with a past in a batch (never run)
+        feeds = {k: v.numpy() for k, v in case.items() if k in wanted}
+        for name in ("past_key", "past_value"):
+            if name in scales and name in case:
+                feeds[name] = kv_cache.quantize(feeds[name], scales[name])
+                case = {**case, name: torch.from_numpy(kv_cache.dequantize(feeds[name], scales[name]))}
         with torch.no_grad():
             expected = gdef.module(*case.values())
         expected = [e.detach().numpy() for e in (expected if isinstance(expected, tuple) else (expected,))]
-        got = session.run(gdef.outputs, {k: v.numpy() for k, v in case.items() if k in wanted})
+        got = session.run(gdef.outputs, feeds)
+        got = [kv_cache.dequantize(g, scales[n]) if n in scales else g for n, g in zip(gdef.outputs, got)]
         for out_name, g, e in zip(gdef.outputs, got, expected):
             if "attention_mask" in case:
                 mask = case["attention_mask"].numpy()

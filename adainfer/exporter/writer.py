@@ -24,7 +24,7 @@ from ..errors import ExportError
 from ..manifest import SCHEMA_VERSION, ExporterInfo, GraphSpec, Macs, Manifest, ModelSource, TensorSpec, file_spec, sha256_of
 from ..paths import DEFAULT_MODEL_DIR
 from . import monolithic as whole_model
-from . import convert, gguf_source, quantize, staging
+from . import convert, gguf_source, kv_cache, quantize, staging
 from .families import FamilyAdapter, adapter_class_for, adapter_for
 from .graph_export import OPSET, export_graph as _export_one
 from .graphs import GraphDef, graph_defs
@@ -40,7 +40,7 @@ MODEL_FILES = ("tokenizer.json", "config.json", "generation_config.json", "token
                "chat_template.jinja")
 
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64",
-               onnx.TensorProto.INT32: "int32", onnx.TensorProto.BFLOAT16: "bfloat16"}
+               onnx.TensorProto.INT32: "int32", onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT8: "int8"}
 
 
 def load_model(model_dir: Path):
@@ -102,6 +102,9 @@ def export(
     block_size: int = quantize.NBITS_BLOCK_SIZE,
     grid: str = "gguf",
     head_bits: Optional[int] = None,
+    kv: str = "float32",
+    kv_scaling: str = "per-channel",
+    kv_margin: float = kv_cache.DEFAULT_MARGIN,
 ) -> Manifest:
     """Export a model (the bundled stories260K by default) to a bundle directory.
 
@@ -111,13 +114,17 @@ def export(
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
     quantize.check_options(precision, grid, head_bits)
+    kv_cache.check_kv(kv, kv_scaling, kv_margin)
+    if kv != "float32" and not fused:
+        raise ExportError(f"--kv {kv} needs the fused blocks (GroupQueryAttention); --generic-blocks keeps a float32 cache")
     model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
     gguf = gguf_source.find_gguf(model_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_bundle_dir(model_dir)
     staging.check_not_inside(out_dir, model_dir)
     staging.check_target(out_dir, force)
     options = dict(force=force, verify=verify, progress=progress, precision=precision, quantize_heads=quantize_heads,
-                   monolithic=monolithic, fused=fused, block_size=block_size, grid=grid, head_bits=head_bits)
+                   monolithic=monolithic, fused=fused, block_size=block_size, grid=grid, head_bits=head_bits,
+                   kv=kv, kv_scaling=kv_scaling, kv_margin=kv_margin)
     if gguf is None:
         return export_model(load_model(model_dir), out_dir, model_dir=model_dir, **options)
     header = gguf_source.read_header(gguf)  # refuses an unsupported architecture or a damaged file first
@@ -152,6 +159,9 @@ def export_model(
     block_size: int = quantize.NBITS_BLOCK_SIZE,
     grid: str = "gguf",
     head_bits: Optional[int] = None,
+    kv: str = "float32",
+    kv_scaling: str = "per-channel",
+    kv_margin: float = kv_cache.DEFAULT_MARGIN,
 ) -> Manifest:
     """Export an already loaded `transformers` model; `model_dir` supplies tokenizer and config files.
 
@@ -164,17 +174,23 @@ def export_model(
     perplexity on held-out text against the thresholds `quality.THRESHOLDS` states. `block_size`: the
     MatMulNBits block (int8-weight, int4), recorded in the manifest; `grid` and `head_bits`: int4's treatment of
     weights on a GGUF grid and the embedding's and heads' bits (`quantize.convert`). `monolithic` also writes the whole model as
-    one graph, `model.onnx` (see `monolithic.py`), the baseline `adainfer bench` compares with.
+    one graph, `model.onnx` (see `monolithic.py`), the baseline `adainfer bench` compares with. `kv` "int8": the
+    block graphs keep an int8 KV cache with static `kv_scaling` scales calibrated on text (`kv_cache.py`), judged
+    on held-out text before any precision conversion; only fused blocks can (GroupQueryAttention holds it).
     """
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
     quantize.check_options(precision, grid, head_bits)
+    kv_cache.check_kv(kv, kv_scaling, kv_margin)
     quantize_heads = quantize.heads_by_default(precision) if quantize_heads is None else quantize_heads
     out_dir = Path(out_dir)
     staging.check_not_inside(out_dir, model_dir)
     staging.check_target(out_dir, force)
     model = model.eval().float()
     adapter = adapter_for(model)
+    if kv != "float32" and not (fused and all(adapter.fused_block(i) for i in range(adapter.geometry().num_layers))):
+        raise ExportError(f"--kv {kv} needs fused Llama-layout blocks (GroupQueryAttention); "
+                          f"{adapter.name} blocks{' with --generic-blocks' if not fused else ''} keep a float32 cache")
     check_tokenizer_fits(tokenizer_file or (Path(model_dir) / "tokenizer.json" if model_dir else None),
                          adapter.geometry().vocab_size)
     with staging.staged_directory(out_dir, force=force) as tmp:
@@ -189,6 +205,8 @@ def export_model(
             verify_against_transformers(model, tmp)
         if monolithic:
             manifest = whole_model.add_to_bundle(model, adapter, tmp, manifest, verify, external_data_threshold)
+        if kv != "float32":
+            manifest = kv_cache.quantize_kv(tmp, manifest, kv_scaling, kv_margin, model=model, verify=verify)
         if precision != "fp32" or head_bits is not None:  # fp32 with head_bits: only the LM heads are converted
             manifest = convert.quantize_graphs(model, tmp, manifest, precision, quantize_heads, verify,
                                                external_data_threshold, block_size, grid, head_bits)
