@@ -196,14 +196,23 @@ def test_unknown_precision_and_block_size_are_refused_before_work(stories_hf, tm
 def _corrupt_block(path, how: str) -> None:
     """Damage one converted graph as a buggy conversion would: "scales" halves the scales of the MLP's down
     projection (the graph still runs, its outputs look plausible, its answers drift); "zero-kv" zeroes the key
-    projection's scales (an output is gone)."""
+    projection's scales (an output is gone). Projections that read one input are fused (q/k/v, gate/up): the key
+    columns are the second part of the first node's Split."""
     model = onnx.load(str(path))
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    target = nodes[-1] if how == "scales" else nodes[1]  # q, k, v, o, gate, up, down: down is last, k second
+    target = nodes[-1] if how == "scales" else nodes[0]  # qkv, o, gate_up, down: down is last, qkv first
     inits = {t.name: t for t in model.graph.initializer}
     scales = inits[target.input[2]]
     array = onnx.numpy_helper.to_array(scales)
-    scales.CopyFrom(onnx.numpy_helper.from_array(0.5 * array if how == "scales" else np.zeros_like(array), scales.name))
+    if how == "scales":
+        array = 0.5 * array
+    else:
+        split = next(n for n in model.graph.node if n.op_type == "Split" and n.input[0] == target.output[0])
+        q, k, _ = onnx.numpy_helper.to_array(inits[split.input[1]])
+        array = array.reshape(q + k + _, -1).copy()
+        array[q:q + k] = 0
+        array = array.reshape(onnx.numpy_helper.to_array(scales).shape)
+    scales.CopyFrom(onnx.numpy_helper.from_array(array, scales.name))
     onnx.save(model, str(path))
 
 

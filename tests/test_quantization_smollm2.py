@@ -48,9 +48,12 @@ def test_smollm2_int4_keeps_the_gguf_weights(converted):
     assert (info["bits"], info["block_size"], info["accuracy_level"], info["quantize_heads"]) == (4, 32, 4, True)
     block = onnx.load(str(out / "block_00.onnx"))
     nbits = [{a.name: a.i for a in n.attribute} for n in block.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 7 and all((a["bits"], a["block_size"], a["accuracy_level"]) == (4, 32, 4) for a in nbits)
+    assert all((a["bits"], a["block_size"], a["accuracy_level"]) == (4, 32, 4) for a in nbits)
+    # projections that read one input are fused as genai's builder does: qkv (576 -> 9*64 + 2*3*64), o, gate_up, down
+    assert [(a["K"], a["N"]) for a in nbits] == [(576, 960), (576, 576), (576, 3072), (1536, 576)]
     ops = collections.Counter(n.op_type for n in block.graph.node)
     assert ops["ReduceSum"] >= 4  # block sums of each distinct input: attention input (q, k, v), o, gate/up, down
+    assert sum(n.name.endswith("_gguf_offset") and n.op_type == "MatMul" for n in block.graph.node) == 4
     head = [{a.name: a.i for a in n.attribute} for n in onnx.load(str(out / "final_head.onnx")).graph.node
             if n.op_type == "MatMulNBits"]
     assert [a["bits"] for a in head] == [8]

@@ -79,6 +79,55 @@ class Monolithic:
         return token
 
 
+class Spans:
+    """Our bundle's own graphs with every block merged into one span graph (`exporter/spans.py`): embed, span,
+    final head = 3 session calls per token instead of L + 2, the same kernels as the chain. The runtime does not
+    run spans (yet): this shows what the chain's per-block calls cost. The span file is written into the
+    bundle directory on first use."""
+
+    def __init__(self, bundle: Path, manifest, threads: int, name: str):
+        import onnxruntime as ort
+
+        from ..exporter.spans import merge_blocks, span_name
+        from ..runtime.sessions import session_options
+
+        L = manifest.num_layers
+        file = span_name(0, L - 1) + ".onnx"
+        if not (Path(bundle) / file).is_file():
+            merge_blocks(Path(bundle), [manifest.graphs[manifest.block_name(i)].file for i in range(L)], 0, file)
+
+        def session(path):
+            return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+        self.embed = session(Path(bundle) / manifest.graphs["embed"].file)
+        self.span = session(Path(bundle) / file)
+        self.head = session(Path(bundle) / manifest.graphs["final_head"].file)
+        self.embed_inputs = {i.name for i in self.embed.get_inputs()}
+        self.empty = np.zeros((1, manifest.num_kv_heads, 0, manifest.head_dim), dtype=np.float32)
+        self.name, self.layers = name, L
+
+    def _forward(self, ids: list[int], start: int, past: list) -> tuple[list, int]:
+        n = len(ids)
+        positions = np.arange(start, start + n, dtype=np.int64)[None]
+        feeds = {"input_ids": np.asarray([ids], dtype=np.int64), "position_ids": positions}
+        (hidden,) = self.embed.run(None, {k: v for k, v in feeds.items() if k in self.embed_inputs})
+        feeds = {"hidden_states": hidden, "position_ids": positions, "attention_mask": np.ones((1, start + n), np.int64)}
+        for i in range(self.layers):
+            feeds[f"past_key_{i:02d}"], feeds[f"past_value_{i:02d}"] = past[2 * i], past[2 * i + 1]
+        out = self.span.run(None, feeds)
+        (logits,) = self.head.run(None, {"hidden_states": np.ascontiguousarray(out[0][:, -1, :])})
+        return out[1:], int(logits[0].argmax())
+
+    def prefill(self, ids):
+        past, token = self._forward(list(ids), 0, [self.empty] * (2 * self.layers))
+        return {"past": past, "length": len(ids)}, token
+
+    def step(self, state, token):
+        state["past"], token = self._forward([token], state["length"], state["past"])
+        state["length"] += 1
+        return token
+
+
 class Chain:
     """Our per-block chain (`adainfer.runtime`) at full depth: `Model.start` / `Model.step`."""
 
@@ -211,7 +260,8 @@ def load_chain(bundle: Path, threads: int):
 
 
 def build(name: str, bundle: Path, threads: int, model=None):
-    """One of our contenders by name, on `bundle`: transformers, monolithic, monolithic_spinning, chain_full
+    """One of our contenders by name, on `bundle`: transformers, monolithic, monolithic_spinning, span_<precision>,
+    chain_full
     (any chain_<precision> when `bundle` holds that precision), chain_exit@K, chain_classifier.
     `model` reuses an already loaded chain."""
     from ..manifest import Manifest
@@ -220,11 +270,19 @@ def build(name: str, bundle: Path, threads: int, model=None):
     manifest = Manifest.load(bundle)
     if name == "transformers":
         return Transformers(load_source_model(manifest.extras["bench_source"]), threads)
+    if name.startswith("span_"):
+        return Spans(bundle, manifest, threads, name)
     if name.startswith("monolithic"):
         contender = Monolithic(bundle, manifest, threads, spinning=name.endswith("spinning"))
         contender.name = name
         return contender
     model = model if model is not None else load_chain(bundle, threads)
+    if "_exit@" in name and not name.startswith("chain_exit@"):  # chain_<precision>_exit@K: on that bundle
+        from ..runtime.early_exit import ExitDecider
+        from ..runtime.exit_policy import ExitPolicy
+
+        k = int(name.split("@")[1])
+        return EarlyExit(model, ExitDecider(model, ExitPolicy.forced(k)), name, layers=k)
     if name == "chain_full" or (name.startswith("chain_") and "@" not in name and name != "chain_classifier"):
         contender = Chain(model)
         contender.name = name

@@ -38,7 +38,8 @@ def machine(threads: int) -> dict:
 #: decode-time targets (issue 11): contender ÷ reference at most this
 TARGETS = {("chain_full", "genai_fp32"): 1.05, ("chain_int4", "genai_int4"): 1.10, ("chain_int4", "llamacpp"): 1.10}
 #: ratios reported without a target: what the chain's calls add to the same kernels
-OVERHEADS = (("chain_int4", "monolithic_int4"), ("chain_full", "monolithic"))
+OVERHEADS = (("chain_int4", "monolithic_int4"), ("chain_full", "monolithic"), ("chain_full", "span_fp32"),
+             ("chain_int4", "span_int4"))
 #: a forced exit after k of L blocks may cost at most k/L of full depth plus this
 FORCED_EXIT_SLACK = 0.05
 #: references every contender's decode time is divided by, when present
@@ -65,6 +66,13 @@ def ratios(samples: dict, num_layers: int, forced: list[int]) -> dict:
             str(k): paired_ratio(samples[f"chain_exit@{k}"]["decode"], chain["decode"])
             for k in forced if f"chain_exit@{k}" in samples}
         out["forced_exit_target"] = {str(k): k / num_layers + FORCED_EXIT_SLACK for k in forced}
+    variants: dict = {}  # chain_<precision>_exit@K over chain_<precision>
+    for name in samples:
+        full, _, k = name.partition("_exit@")
+        if k and full != "chain" and full in samples:
+            variants.setdefault(full, {})[k] = paired_ratio(samples[name]["decode"], samples[full]["decode"])
+    if variants:
+        out["forced_exit_over_own_full_decode"] = variants
     if base and "transformers" in samples:
         out["transformers_over_monolithic_decode"] = paired_ratio(samples["transformers"]["decode"], base["decode"])
         out["transformers_over_monolithic_prefill"] = {
@@ -128,6 +136,10 @@ def markdown(result: dict) -> str:
     for target in r.get("targets", []):
         lines.append(f"{target['contender']} ÷ {target['reference']}, decode: {target['decode_ratio']:.3f} "
                      f"(target ≤ {target['at_most']:.2f}: {'met' if target['met'] else 'not met'}).")
+    for base, per_k in r.get("forced_exit_over_own_full_decode", {}).items():
+        lines.append(f"Forced exit ÷ full {base}, decode: " + ", ".join(
+            f"k={k}: {v['median']:.3f} (target ≤ {int(k) / result['num_layers'] + FORCED_EXIT_SLACK:.3f})"
+            for k, v in per_k.items()) + ".")
     for pair, v in r.get("chain_overhead", {}).items():
         lines.append(f"{pair.replace('/', ' ÷ ')}, decode (the chain's per-call cost on the same kernels): {v['median']:.3f}.")
     if "chain_full_over_monolithic_decode" in r:

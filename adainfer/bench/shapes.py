@@ -23,6 +23,8 @@ SHAPES = {
 }
 SEED = 0
 SOURCE_KEY = "bench_source"
+#: bench-only precision names: float32 blocks with the LM heads at this many bits (`adainfer-export --head-bits`)
+HEAD_VARIANTS = {"fp32-head8": 8, "fp32-head4": 4}
 
 
 class BenchError(AdainferError):
@@ -126,7 +128,8 @@ def bundle_for(source: dict, cache_dir: Path, progress: bool = True, precision: 
         try:
             manifest = Manifest.load(out)
             if (manifest.extras.get(SOURCE_KEY) == json.loads(json.dumps(source))
-                    and (precision != "fp32" or "monolithic" in manifest.attachments)):
+                    and (precision != "fp32" or "monolithic" in manifest.attachments)
+                    and _current_quantization(manifest, precision)):
                 return out
         except AdainferError:
             pass
@@ -144,11 +147,22 @@ def bundle_for(source: dict, cache_dir: Path, progress: bool = True, precision: 
     if fp32 is None:
         manifest = export_model(model, out, model_dir=model_dir, force=True, verify=True, progress=progress,
                                 monolithic=True)
+    elif precision in HEAD_VARIANTS:  # float32 blocks, quantized LM heads
+        manifest = convert_bundle(model, fp32, out, "fp32", force=True, head_bits=HEAD_VARIANTS[precision])
     else:  # converted from the cached float32 bundle (checked as an export is), not exported again
         manifest = convert_bundle(model, fp32, out, precision, force=True)
     manifest = dataclasses.replace(manifest, extras={**manifest.extras, SOURCE_KEY: source})
     manifest.save(out)
     return out
+
+
+def _current_quantization(manifest, precision: str) -> bool:
+    """Whether a cached bundle was converted with today's settings (e.g. before projections were fused, it was not)."""
+    from ..exporter import quantize
+
+    wanted = quantize.nbits_settings(precision) if precision in quantize.PRECISIONS else {}
+    recorded = manifest.extras.get("quantization", {})
+    return all(recorded.get(k) == v for k, v in wanted.items())
 
 
 def monolithic_at(source: dict, cache_dir: Path, precision: str, progress: bool = True) -> Path:

@@ -97,9 +97,10 @@ def main(args) -> int:
     if args.repeats < 1 or args.decode_tokens < 1 or args.warmup < 0:
         raise InputError("--repeats and --decode-tokens must be at least 1, --warmup at least 0")
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    unknown = [p for p in precisions if p not in PRECISIONS]
+    known = (*PRECISIONS, *shapes.HEAD_VARIANTS)
+    unknown = [p for p in precisions if p not in known]
     if unknown or "fp32" not in precisions:
-        raise InputError(f"--precisions: choose from {', '.join(PRECISIONS)}, fp32 included")
+        raise InputError(f"--precisions: choose from {', '.join(known)}, fp32 included")
     threads = args.threads or os.cpu_count() or 1
     wanted = _wanted(args)
     peer_python = args.peer_python or sys.executable
@@ -148,7 +149,10 @@ def main(args) -> int:
         if wanted(name):
             ours([name], bundle, peers.size_on_disk(monolithic_files))
     bundle_size = lambda b: peers.size_on_disk(  # noqa: E731
-        p for p in b.iterdir() if p.is_file() and p.name not in ("model.onnx", "model.onnx.data"))
+        p for p in b.iterdir() if p.is_file() and p.name not in ("model.onnx", "model.onnx.data")
+        and not p.name.startswith("span_"))
+    if wanted("span_fp32"):  # the blocks as one graph: what the chain's per-block calls cost (contenders.Spans)
+        ours(["span_fp32"], bundle, None)
     chain = [n for n in ["chain_full", *(f"chain_exit@{k}" for k in forced)] if wanted(n)]
     if is_default and not args.no_classifier and wanted("chain_classifier"):
         from ..runtime import load
@@ -174,7 +178,10 @@ def main(args) -> int:
         except AdainferError as exc:  # e.g. refused by its quality check
             unavailable[name] = {"status": "refused", "reason": str(exc)}
             continue
-        ours([name], converted, bundle_size(converted))
+        exits = [f"{name}_exit@{k}" for k in forced if wanted(f"{name}_exit@{k}")]
+        ours([name, *exits], converted, bundle_size(converted))
+        if wanted(f"span_{precision}"):
+            ours([f"span_{precision}"], converted, None)
         if precision == "int4" and wanted("monolithic_int4"):  # the same int4 kernels without the chain's calls
             whole = shapes.monolithic_at(source, args.cache_dir, "int4")
             ours(["monolithic_int4"], whole, peers.size_on_disk([whole / "model.onnx", whole / "model.onnx.data"]))

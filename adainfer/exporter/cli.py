@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..cli_common import ArgumentParser, run_main
 from ..paths import DEFAULT_CALIB_DATA, DEFAULT_MODEL_DIR
-from .quantize import BLOCK_SIZES, NBITS_BLOCK_SIZE, PRECISIONS
+from .quantize import BLOCK_SIZES, GRIDS, HEAD_BITS, NBITS_BLOCK_SIZE, PRECISIONS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,6 +28,14 @@ def parser() -> argparse.ArgumentParser:
                         "top-1 agreement and perplexity on held-out text within stated thresholds. Default: fp32")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=NBITS_BLOCK_SIZE,
                    help=f"MatMulNBits block along K for int8-weight and int4 (default {NBITS_BLOCK_SIZE})")
+    p.add_argument("--grid", choices=GRIDS, default="gguf",
+                   help="int4: weights already on a GGUF 4/8-bit grid are re-encoded exactly (gguf, default) or rounded "
+                        "to a new symmetric 4-bit grid as onnxruntime-genai does (rtn: faster, less faithful)")
+    p.add_argument("--head-bits", type=int, choices=HEAD_BITS, default=None,
+                   help="int4: bits of the embedding and LM heads (default: as the blocks; a GGUF Q8_0 table stays 8-bit; "
+                        "4 halves the bytes the LM head reads per token). fp32: convert only the exit and final heads to "
+                        "8- or 4-bit MatMulNBits (float32 blocks; the head is read at every token and every exit), "
+                        "judged by the quality check instead of equality")
     p.add_argument("--quantize-heads", action=argparse.BooleanOptionalAction, default=None,
                    help="convert the embedding and both heads to --precision too (default: yes for int4, no otherwise)")
     p.add_argument("--monolithic", action="store_true",
@@ -53,7 +61,7 @@ def main(argv=None) -> int:
         out = args.output or default_bundle_dir(model_dir)
         manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet, monolithic=args.monolithic,
                           precision=args.precision, quantize_heads=args.quantize_heads, fused=not args.generic_blocks,
-                          block_size=args.block_size)
+                          block_size=args.block_size, grid=args.grid, head_bits=args.head_bits)
         print(f"wrote {out}: {manifest.family} ({manifest.model_type}), {manifest.num_layers} blocks, "
               f"hidden {manifest.hidden_size}, vocab {manifest.vocab_size}")
         data = args.calib or (DEFAULT_CALIB_DATA if args.model_dir is None and not args.no_calib else None)

@@ -58,6 +58,15 @@ def q8_0_grid(w: np.ndarray, block: int = GGUF_BLOCK) -> Optional[tuple[np.ndarr
     return np.rint(q).astype(np.int8).reshape(k, n), step.astype(np.float32)
 
 
+def grid_kind(w: np.ndarray) -> Optional[str]:
+    """"q4_1", "q8_0" or None: the GGUF grid `w` (K, N) lies on along K (what `encode_exact` would do with it)."""
+    if w.ndim != 2:
+        return None
+    if q4_1_grid(w) is not None:
+        return "q4_1"
+    return "q8_0" if q8_0_grid(w) is not None else None
+
+
 def _nbits_node(name: str, x: str, out: str, q: np.ndarray, scales: np.ndarray, bits: int, block: int,
                 accuracy_level: int, zero_points: Optional[np.ndarray]) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """A MatMulNBits node for stored integers q (K, N) (already offset to unsigned) and scales (K/block, N)."""

@@ -20,7 +20,17 @@ outputs stay float32 (and int64), so the runtime and the KV cache are unchanged.
 |                | constant B (attention scores stay float32)                                    |
 
 For the integer precisions a Gemm with a constant B (GPT-2's Conv1D) is first rewritten as
-MatMul + Add, since neither quantizer converts Gemm.
+MatMul + Add, since neither quantizer converts Gemm. For the MatMulNBits precisions, MatMuls that
+read the same input (q/k/v, gate/up) are first fused into one MatMul on their concatenated weights
+and a Split (`fuse_projections`), as onnxruntime-genai's builder writes `qkv_proj`: one quantized
+kernel (and, for a GGUF grid, one float offset term) instead of three. On SmolLM2 int4 a block
+went from 53 to 37 nodes (docs/bench/speed-profile.md).
+
+Weights on a GGUF grid are re-encoded exactly (`grid="gguf"`, the default, `gguf_grid.py`);
+`grid="rtn"` rounds every weight to a new symmetric 4-bit grid instead, as onnxruntime-genai does
+(faster: no float offset term; less faithful: measured agreement in docs/bench/speed-profile.md).
+`head_bits` sets the embedding's and heads' bits under int4: 8 keeps a Q8_0 table exact (or rounds
+to 8 bits), 4 rounds them to 4 bits (genai's int4 LM head: half the bytes read per token).
 
 Why `accuracy_level` 4 (int8 compute): ONNX Runtime's CPU `MatMulNBits` kernel
 (contrib_ops/cpu/quantization/matmul_nbits.cc) picks MLAS's `SQNBIT_CompInt8` only for accuracy
@@ -42,6 +52,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from ..errors import ExportError
@@ -60,6 +71,10 @@ WEIGHT_OPS = ("MatMul", "Gemm", "Gather")
 
 #: precisions whose embedding and heads are converted too unless asked otherwise (see heads_by_default)
 HEADS_BY_DEFAULT = ("int4",)
+#: how int4 treats weights already on a GGUF grid: re-encode them exactly, or round them again (genai's way)
+GRIDS = ("gguf", "rtn")
+#: bits of the embedding and heads under int4 (None: the blocks' treatment, i.e. a Q8_0 table stays 8-bit)
+HEAD_BITS = (4, 8)
 
 
 def check_precision(precision: str) -> str:
@@ -80,12 +95,27 @@ def check_block_size(block_size: int) -> int:
     return block_size
 
 
-def nbits_settings(precision: str, block_size: int = NBITS_BLOCK_SIZE) -> dict:
+def check_grid(grid: str) -> str:
+    if grid not in GRIDS:
+        raise ExportError(f"unknown grid {grid!r} (choose from {', '.join(GRIDS)})")
+    return grid
+
+
+def check_head_bits(head_bits) -> None:
+    if head_bits is not None and head_bits not in HEAD_BITS:
+        raise ExportError(f"unsupported head bits {head_bits} (choose from {', '.join(map(str, HEAD_BITS))})")
+
+
+def nbits_settings(precision: str, block_size: int = NBITS_BLOCK_SIZE, grid: str = "gguf",
+                   head_bits=None) -> dict:
     """What the manifest records for a MatMulNBits precision ({} for the others)."""
     if precision not in NBITS:
         return {}
-    return {"bits": NBITS[precision], "block_size": check_block_size(block_size), "accuracy_level": ACCURACY_LEVEL,
-            "symmetric": True}
+    settings = {"bits": NBITS[precision], "block_size": check_block_size(block_size), "accuracy_level": ACCURACY_LEVEL,
+                "symmetric": True, "fused_projections": True}
+    if precision == "int4":
+        settings.update(grid=check_grid(grid), head_bits=head_bits)
+    return settings
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -193,6 +223,52 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def fuse_projections(model: onnx.ModelProto, same_kind=None) -> onnx.ModelProto:
+    """MatMuls with a constant 2-D float B that read the same input (q/k/v, gate/up) -> one MatMul on the
+    weights concatenated along N, then a Split back into the original outputs. `same_kind(w)` (optional) gives
+    a key per weight; only weights with equal keys are fused (e.g. the GGUF grid a weight lies on)."""
+    from onnx import helper, numpy_helper
+
+    inits = _initializers(model)
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if (node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits
+                and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT and len(inits[node.input[1]].dims) == 2):
+            groups.setdefault(node.input[0], []).append(node)
+    fused: dict[str, list[onnx.NodeProto]] = {}  # name of the first node of a group -> its nodes
+    for x, nodes in groups.items():
+        arrays = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
+        keys = [same_kind(a) if same_kind else None for a in arrays]
+        for key in dict.fromkeys(keys):
+            members = [n for n, k in zip(nodes, keys) if k == key]
+            if len(members) > 1 and len({inits[n.input[1]].dims[0] for n in members}) == 1:
+                fused[members[0].name] = members
+    if not fused:
+        return model
+    dropped = {n.name for members in fused.values() for n in members}
+    replaced = {n.input[1] for members in fused.values() for n in members}
+    new_nodes, new_inits = [], []
+    for node in model.graph.node:
+        if node.name in fused:
+            members = fused[node.name]
+            name = f"{node.name}_fused"
+            weights = [numpy_helper.to_array(inits[n.input[1]]) for n in members]
+            new_inits += [numpy_helper.from_array(np.concatenate(weights, axis=1), f"{name}_weight"),
+                          numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), f"{name}_split")]
+            new_nodes += [helper.make_node("MatMul", [node.input[0], f"{name}_weight"], [f"{name}_out"], name=name),
+                          helper.make_node("Split", [f"{name}_out", f"{name}_split"], [n.output[0] for n in members],
+                                           axis=-1, name=f"{name}_split")]
+        elif node.name not in dropped:
+            new_nodes.append(node)
+    used = {i for n in new_nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name not in replaced or t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + new_inits)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    return model
+
+
 def _to_int8_dynamic(src: Path, dst: Path, model: onnx.ModelProto) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -201,16 +277,18 @@ def _to_int8_dynamic(src: Path, dst: Path, model: onnx.ModelProto) -> None:
                      weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
 
 
-def _to_nbits(src: Path, dst: Path, model: onnx.ModelProto, bits: int, block_size: int) -> onnx.ModelProto:
-    """Weight MatMuls -> MatMulNBits (`bits`, symmetric, int8 compute), except weights already on a GGUF grid,
-    re-encoded exactly (`gguf_grid.py`); the embedding Gather -> an 8-bit table + DequantizeLinear (8 bits) or
-    GatherBlockQuantized (4 bits, blocks along the hidden axis)."""
+def _to_nbits(src: Path, dst: Path, model: onnx.ModelProto, bits: int, block_size: int,
+              exact: bool = True) -> onnx.ModelProto:
+    """Weight MatMuls (same-input ones fused first) -> MatMulNBits (`bits`, symmetric, int8 compute), except, with
+    `exact` (4 bits), weights already on a GGUF grid, re-encoded exactly (`gguf_grid.py`); the embedding Gather ->
+    an 8-bit table + DequantizeLinear (8 bits) or GatherBlockQuantized (4 bits, blocks along the hidden axis)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    from .gguf_grid import OFFSET_SUFFIX, encode_exact
+    from .gguf_grid import OFFSET_SUFFIX, encode_exact, grid_kind
 
-    if bits == 4:  # a GGUF Q4_1 / Q8_0 source: keep its own weights instead of rounding them again
+    model = fuse_projections(model, grid_kind if exact else None)
+    if exact:  # a GGUF Q4_1 / Q8_0 source: keep its own weights instead of rounding them again
         model = encode_exact(model, weight_nodes(model), block_size, ACCURACY_LEVEL)
     matmuls = [n.name for n in weight_nodes(model) if n.op_type == "MatMul" and not n.name.endswith(OFFSET_SUFFIX)]
     gathers = [n.name for n in weight_nodes(model) if n.op_type == "Gather"]
@@ -224,14 +302,28 @@ def _to_nbits(src: Path, dst: Path, model: onnx.ModelProto, bits: int, block_siz
         config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=bits,
                                               accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=op_types,
                                               quant_axes=(("MatMul", 0), ("Gather", 1)))
+        # the quantizer converts every node of `op_types` whatever nodes_to_include says: exclude the others
+        # (the GGUF offset MatMuls must stay float)
+        excluded = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in matmuls + gathers]
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                          accuracy_level=ACCURACY_LEVEL, nodes_to_include=matmuls + gathers,
+                                         nodes_to_exclude=excluded,
                                          op_types_to_quantize=op_types, algo_config=config)
         quantizer.process()
         model = quantizer.model.model
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return model
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    """Remove initializers no node reads (e.g. a Gemm's weight after `gemm_to_matmul` and re-encoding): a converted
+    int4 head kept its whole float32 table (113 MB on SmolLM2) as dead weight."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    if len(kept) < len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
 
 
 def ort_version() -> str:
@@ -254,16 +346,20 @@ def _quiet():
 
 
 def convert(src: Path, dst: Path, precision: str, external_data_threshold: int = 1 << 30,
-            block_size: int = NBITS_BLOCK_SIZE) -> None:
+            block_size: int = NBITS_BLOCK_SIZE, grid: str = "gguf", bits=None) -> None:
     """Write `src` (a float32 graph) to `dst` at `precision`; `src` and `dst` may be the same file.
 
-    `block_size`: MatMulNBits block along K (int8-weight, int4).
+    `block_size`: MatMulNBits block along K (int8-weight, int4). `grid` (int4): "gguf" re-encodes weights on a
+    GGUF grid exactly, "rtn" rounds them again. `bits` (MatMulNBits precisions): this graph's bits instead of the
+    precision's (an int4 bundle's heads at 8 or 4 bits); weights are then rounded to that many bits, except a
+    GGUF grid of that width with `grid="gguf"`.
 
     `dst` keeps its weights in `<dst name>.data` (ONNX external data) when they exceed
     `external_data_threshold`; a `.data` file of `src` that `dst` no longer uses is removed.
     """
     check_precision(precision)
     check_block_size(block_size)
+    check_grid(grid)
     src, dst = Path(src), Path(dst)
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as scratch:
         scratch = Path(scratch)
@@ -284,7 +380,10 @@ def convert(src: Path, dst: Path, precision: str, external_data_threshold: int =
                     _to_int8_dynamic(named_src, out, model)
                     result = onnx.load(str(out))
                 else:
-                    result = _to_nbits(named_src, out, model, NBITS[precision], block_size)
+                    # int4 keeps GGUF grids (4- or 8-bit) unless asked to round again or for 4-bit heads
+                    exact = precision == "int4" and grid == "gguf" and bits != 4
+                    result = _to_nbits(named_src, out, model, bits or NBITS[precision], block_size, exact=exact)
+            _drop_unused(result)
             weight_bytes = sum(len(t.raw_data) for t in result.graph.initializer)
             for stale in (src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")):
                 stale.unlink(missing_ok=True)

@@ -100,6 +100,8 @@ def export(
     monolithic: bool = False,
     fused: bool = True,
     block_size: int = quantize.NBITS_BLOCK_SIZE,
+    grid: str = "gguf",
+    head_bits: Optional[int] = None,
 ) -> Manifest:
     """Export a model (the bundled stories260K by default) to a bundle directory.
 
@@ -114,7 +116,7 @@ def export(
     staging.check_not_inside(out_dir, model_dir)
     staging.check_target(out_dir, force)
     options = dict(force=force, verify=verify, progress=progress, precision=precision, quantize_heads=quantize_heads,
-                   monolithic=monolithic, fused=fused, block_size=block_size)
+                   monolithic=monolithic, fused=fused, block_size=block_size, grid=grid, head_bits=head_bits)
     if gguf is None:
         return export_model(load_model(model_dir), out_dir, model_dir=model_dir, **options)
     header = gguf_source.read_header(gguf)  # refuses an unsupported architecture or a damaged file first
@@ -147,6 +149,8 @@ def export_model(
     source: Optional[ModelSource] = None,
     fused: bool = True,
     block_size: int = quantize.NBITS_BLOCK_SIZE,
+    grid: str = "gguf",
+    head_bits: Optional[int] = None,
 ) -> Manifest:
     """Export an already loaded `transformers` model; `model_dir` supplies tokenizer and config files.
 
@@ -157,11 +161,14 @@ def export_model(
     and heads; None: the precision's default, `quantize.HEADS_BY_DEFAULT`) after the float32 bundle was
     exported and verified, checks each converted graph's structure and the chain's top-1 agreement and
     perplexity on held-out text against the thresholds `quality.THRESHOLDS` states. `block_size`: the
-    MatMulNBits block (int8-weight, int4), recorded in the manifest. `monolithic` also writes the whole model as
+    MatMulNBits block (int8-weight, int4), recorded in the manifest; `grid` and `head_bits`: int4's treatment of
+    weights on a GGUF grid and the embedding's and heads' bits (`quantize.convert`). `monolithic` also writes the whole model as
     one graph, `model.onnx` (see `monolithic.py`), the baseline `adainfer bench` compares with.
     """
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
+    quantize.check_grid(grid)
+    quantize.check_head_bits(head_bits)
     quantize_heads = quantize.heads_by_default(precision) if quantize_heads is None else quantize_heads
     out_dir = Path(out_dir)
     staging.check_not_inside(out_dir, model_dir)
@@ -182,9 +189,9 @@ def export_model(
             verify_against_transformers(model, tmp)
         if monolithic:
             manifest = whole_model.add_to_bundle(model, adapter, tmp, manifest, verify, external_data_threshold)
-        if precision != "fp32":
+        if precision != "fp32" or head_bits is not None:  # fp32 with head_bits: only the LM heads are converted
             manifest = convert.quantize_graphs(model, tmp, manifest, precision, quantize_heads, verify,
-                                               external_data_threshold, block_size)
+                                               external_data_threshold, block_size, grid, head_bits)
     return manifest
 
 
