@@ -54,8 +54,10 @@ def _renamed(model: onnx.ModelProto, index: int, hidden_in: str) -> onnx.GraphPr
     return graph
 
 
-def merge_blocks(bundle_dir: Path, block_files: list[str], first: int, out_file: str) -> Path:
-    """Write `bundle_dir/out_file`: the blocks `block_files` (blocks first, first + 1, ...) as one graph."""
+def merge_blocks(bundle_dir: Path, block_files: list[str], first: int, out_file: str, out_dir: Path | None = None) -> Path:
+    """Write `out_dir/out_file` (default `bundle_dir`): the blocks `block_files` of `bundle_dir` (blocks first,
+    first + 1, ...) as one graph. An `out_dir` other than the bundle (a staged update of it) must hold the
+    external data files the blocks reference too (links): the span's references are relative to its directory."""
     bundle_dir = Path(bundle_dir)
     models = [onnx.load(str(bundle_dir / f), load_external_data=False) for f in block_files]
     nodes, inits, inputs, outputs, infos = [], [], [], [], []
@@ -88,7 +90,7 @@ def merge_blocks(bundle_dir: Path, block_files: list[str], first: int, out_file:
     model = helper.make_model(merged, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
                               producer_name="adainfer-spans")
     model.ir_version = models[0].ir_version
-    path = bundle_dir / out_file
+    path = Path(out_dir or bundle_dir) / out_file
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
     return path

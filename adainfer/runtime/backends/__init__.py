@@ -33,8 +33,10 @@ def backend_name(name: str) -> str:
 
 
 def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
-         check_digests: bool = True, backend: str = "cpu", **options):
+         check_digests: bool = True, backend: str = "cpu", spans: bool = True, **options):
     """Load a bundle for inference; `backend` picks the runtime (see the module docstring).
+    `spans`: run the bundle's span graphs (several blocks in one graph) where the chain can; False
+    runs every block on its own (the ONNX Runtime backends; tensorrt always does).
     Options: `max_batch` (ort-trt, tensorrt), `device_id` (ort-cuda, ort-trt)."""
     name = backend_name(backend)
     check_bundle_path(bundle_dir)
@@ -45,7 +47,7 @@ def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[
         from .cpu import CpuBackend
 
         bundle = open_bundle(bundle_dir, check_digests=check_digests)
-        return Model(bundle, CpuBackend(bundle, providers=providers, threads=threads))
+        return Model(bundle, CpuBackend(bundle, providers=providers, threads=threads, spans=spans))
     if name == "tensorrt":
         from .tensorrt import TensorRTBackend, require_tensorrt
 
@@ -55,4 +57,4 @@ def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[
     from .ort_iobinding import IoBindingBackend
 
     bundle = open_bundle(bundle_dir, check_digests=check_digests)
-    return Model(bundle, IoBindingBackend(bundle, name, threads=threads, **options))
+    return Model(bundle, IoBindingBackend(bundle, name, threads=threads, spans=spans, **options))
