@@ -60,7 +60,7 @@ class ExitDecider:
     def needs_previous(self) -> bool:
         """Whether a decision reads the previous layer's hidden state too (cos_prev, norm_ratio):
         then a pass must surface after that layer as well (`segments.boundaries`)."""
-        return self.policy.decision != "probe" and any(f in ("cos_prev", "norm_ratio") for f in self.policy.features)
+        return self.policy.reads_previous_hidden()
 
     def _head(self, hidden_last: np.ndarray, columns: dict) -> dict:
         hidden_last = np.ascontiguousarray(hidden_last, dtype=np.float32)

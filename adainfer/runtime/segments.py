@@ -24,6 +24,13 @@ def boundaries(num_layers: int, decider=None) -> frozenset[int]:
     return frozenset(evaluated) | (frozenset(l - 1 for l in evaluated if l > 1) if previous else frozenset())
 
 
+def policy_stops(policy, num_layers: int) -> frozenset[int]:
+    """`boundaries` of an `ExitPolicy` (what calibration writes spans for)."""
+    evaluated = policy.evaluated_layers(num_layers)
+    previous = policy.reads_previous_hidden()
+    return frozenset(evaluated) | (frozenset(l - 1 for l in evaluated if l > 1) if previous else frozenset())
+
+
 def cover(num_layers: int, stops: Iterable[int], spans: Iterable[Segment]) -> list[Segment]:
     """Segments covering blocks 0..num_layers-1 in order, none crossing a stop (1-based layer after
     which the pass surfaces), each the longest available span from where it starts, else one block."""

@@ -1,0 +1,150 @@
+"""Spans of blocks in bundles and in the chain: the same numbers as the blocks, fewer session calls."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import adainfer.runtime as rt
+from adainfer.errors import BundleError
+from adainfer.exporter.span_writer import add_spans, check_span
+from adainfer.manifest import Manifest
+from adainfer.runtime.exit_policy import ExitPolicy
+from adainfer.runtime.segments import cover, policy_stops, span_ranges
+
+PROMPT = "Once upon a time"
+BACKENDS = ("cpu", "cpu-iobinding")
+
+
+def prefill(model, ids):
+    """Logits at every prompt position and every layer's keys and values after the prompt."""
+    from adainfer.runtime import chain
+
+    state = model.new_state(1)
+    input_ids = np.asarray([ids], dtype=np.int64)
+    run = chain.run_layers(model.backend, input_ids, state, np.ones_like(input_ids))
+    logits = chain.all_logits(model.backend, run)
+    kv = [tuple(np.array(a) for a in state.layer(i)) for i in range(model.num_layers)]
+    state.close()
+    return logits, kv
+
+
+def test_cover_takes_the_longest_span_between_stops_and_blocks_elsewhere():
+    spans = [(0, 4), (0, 1), (2, 3)]
+    assert cover(5, [], spans) == [(0, 4)]
+    assert cover(5, [2, 4], spans) == [(0, 1), (2, 3), (4, 4)]
+    assert cover(5, [1], spans) == [(0, 0), (1, 1), (2, 3), (4, 4)]
+    assert cover(5, [], []) == [(i, i) for i in range(5)]
+    assert span_ranges(5, [2, 4]) == [(0, 1), (2, 3)]
+    assert span_ranges(30, []) == [(0, 29)]
+    assert span_ranges(5, [1, 2, 3, 4]) == []
+    rule = ExitPolicy(decision="rule", features=["gap"], threshold=2.0, min_layer=2, stride=2)
+    assert policy_stops(rule, 5) == {2, 4}
+    hidden = ExitPolicy(decision="rule", features=["cos_prev"], threshold=2.0, min_layer=3, stride=1, head="none")
+    assert policy_stops(hidden, 5) == {2, 3, 4}  # the previous layer's hidden state is read too
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_span_gives_the_logits_and_every_layer_kv_of_the_chained_blocks(stories_bundle, backend):
+    manifest = Manifest.load(stories_bundle)
+    assert manifest.spans == {(0, manifest.num_layers - 1): "span_00_04"}
+    with_spans, without = rt.load(stories_bundle, backend=backend), rt.load(stories_bundle, backend=backend, spans=False)
+    ids = with_spans.encode(PROMPT)
+    logits_a, kv_a = prefill(with_spans, ids)
+    logits_b, kv_b = prefill(without, ids)
+    assert with_spans.session_calls["span_00_04"] == 1 and with_spans.session_calls["block_00"] == 0
+    assert without.session_calls["span_00_04"] == 0 and without.session_calls["block_04"] == 1
+    assert np.max(np.abs(logits_a - logits_b)) <= 1e-5
+    for (ka, va), (kb, vb) in zip(kv_a, kv_b):
+        assert ka.shape == kb.shape == (1, manifest.num_kv_heads, len(ids), manifest.head_dim)
+        assert np.max(np.abs(ka - kb)) <= 1e-5 and np.max(np.abs(va - vb)) <= 1e-5
+
+
+def test_the_exporters_span_check_measures_the_span_against_its_blocks(stories_bundle):
+    manifest = Manifest.load(stories_bundle)
+    assert check_span(stories_bundle, stories_bundle, manifest, 0, 4) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_depth_generation_is_token_identical_with_three_calls_per_step(stories_bundle, backend):
+    runs = {}
+    for spans in (True, False):
+        model = rt.load(stories_bundle, backend=backend, spans=spans)
+        g = model.generate(PROMPT, max_new_tokens=24, stop_at_eos=False)
+        runs[spans] = (g.tokens, {k: v for k, v in model.session_calls.items() if v})
+        loaded = model.sessions.loaded()
+        if spans:  # the blocks the span covers are never loaded
+            assert not [n for n in loaded if n.startswith("block_")], loaded
+        model.close()
+    assert runs[True][0] == runs[False][0] and len(runs[True][0]) == 24
+    steps = 24  # the prompt and 23 decode steps
+    assert runs[True][1] == {"embed": steps, "span_00_04": steps, "final_head": steps}
+    assert runs[False][1] == {"embed": steps, "final_head": steps, **{f"block_{i:02d}": steps for i in range(5)}}
+
+
+@pytest.fixture(scope="module")
+def policy_spans_bundle(stories_bundle, tmp_path_factory):
+    """The stories bundle with the spans between layers 2 and 4 (a policy evaluating after blocks 2 and 4)."""
+    out = tmp_path_factory.mktemp("spans") / "stories"
+    shutil.copytree(stories_bundle, out)
+    manifest = Manifest.load(out)
+    policy = ExitPolicy(decision="rule", features=["gap"], threshold=2.0, min_layer=2, stride=2)  # gap < 2: never stops
+    add_spans(out, manifest, span_ranges(manifest.num_layers, policy_stops(policy, manifest.num_layers)))
+    return out, policy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_early_exit_runs_the_spans_between_evaluated_layers(policy_spans_bundle, backend):
+    bundle, policy = policy_spans_bundle
+    assert sorted(Manifest.load(bundle).spans) == [(0, 1), (0, 4), (2, 3)]
+    model = rt.load(bundle, backend=backend)
+    g = model.generate(PROMPT, max_new_tokens=8, mode="early-exit", policy=policy, stop_at_eos=False)
+    calls = {k: v for k, v in model.session_calls.items() if v}
+    steps = 7  # after the prompt (full depth: one span_00_04 call)
+    assert calls == {"embed": 8, "span_00_04": 1, "span_00_01": steps, "span_02_03": steps, "block_04": steps,
+                     "exit_head": 2 * steps, "final_head": 8}
+    assert g.layers_per_token == [5] * 8
+    plain = rt.load(bundle, backend=backend, spans=False).generate(PROMPT, max_new_tokens=8, stop_at_eos=False)
+    assert g.tokens == plain.tokens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_early_exit_and_speculative_keep_working_with_spans(stories_bundle, backend):
+    forced = ExitPolicy.forced(2)
+    out = {}
+    for spans in (True, False):
+        model = rt.load(stories_bundle, backend=backend, spans=spans)
+        e = model.generate(PROMPT, max_new_tokens=10, mode="early-exit", policy=forced, stop_at_eos=False)
+        s = model.generate(PROMPT, max_new_tokens=10, mode="speculative", policy=forced, stop_at_eos=False)
+        f = model.generate(PROMPT, max_new_tokens=10, stop_at_eos=False)
+        out[spans] = (e.tokens, e.layers_per_token, s.tokens, f.tokens)
+    assert out[True] == out[False]
+    assert out[True][2] == out[True][3]  # speculative is lossless: the full-depth greedy tokens
+    assert out[True][1][1:] == [2] * 9
+
+
+def test_a_span_graph_with_a_wrong_interface_is_refused(stories_bundle, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(stories_bundle, out)
+    data = json.loads((out / "manifest.json").read_text())
+    span = data["graphs"].pop("span_00_04")
+    data["graphs"]["span_00_05"] = span  # past the last block
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="span_00_05 is not a span"):
+        rt.load(out)
+    data["graphs"].pop("span_00_05")
+    span["inputs"] = [t for t in span["inputs"] if t["name"] != "past_key_03"]
+    data["graphs"]["span_00_04"] = span
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="span_00_04.inputs has no past_key_03"):
+        rt.load(out)
+
+
+def test_spans_do_not_change_the_manifest_digest(stories_bundle):
+    manifest = Manifest.load(stories_bundle)
+    from adainfer.exporter.span_writer import without_spans
+
+    assert without_spans(manifest).digest() == manifest.digest()
