@@ -73,11 +73,12 @@ class Sessions(Mapping):
     LAZY = ("exit_head", "kv_fill_")
 
     def __init__(self, bundle: Bundle, providers, threads: Optional[int], require: Optional[str] = None,
-                 spans: tuple = ()):
+                 spans: tuple = (), spinning: bool = False):
         """`providers`: a list for every graph, or a function of the graph's name; `require`: the
         execution provider every session must really run on (`sessions.check_providers`); `spans`:
         the spans the backend runs (others are never loaded, their blocks are loaded on first use)."""
         self.bundle, self.providers, self.threads, self.require = bundle, providers, threads, require
+        self.spinning = spinning
         m = bundle.manifest
         covered = {m.block_name(i) for first, last in spans for i in range(first, last + 1)}
         full = m.spans.get((0, m.num_layers - 1)) if (0, m.num_layers - 1) in spans else None
@@ -91,7 +92,8 @@ class Sessions(Mapping):
         # copy for a moment, so the vocabulary-sized ones go while little else is resident (peak RSS)
         for name in sorted(names, key=lambda n: n not in ("final_head", "exit_head", "embed")):
             lazy = name.startswith(self.LAZY) or name in lazy_names
-            session = make_session(bundle.graph_path(name), self._providers(name), threads, light=lazy, require=require)
+            session = make_session(bundle.graph_path(name), self._providers(name), threads, light=lazy, require=require,
+                                   spinning=spinning)
             bundle.check_session(name, session)  # the graphs' real interfaces match the manifest
             self.inputs[name] = [i.name for i in session.get_inputs()]
             self.outputs[name] = [o.name for o in session.get_outputs()]
@@ -108,7 +110,8 @@ class Sessions(Mapping):
                 session = self._sessions.get(name)
                 if session is None:
                     session = self._sessions[name] = make_session(self.bundle.graph_path(name), self._providers(name),
-                                                                  self.threads, require=self.require)
+                                                                  self.threads, require=self.require,
+                                                                  spinning=self.spinning)
         return session
 
     def _providers(self, name: str):
@@ -135,12 +138,13 @@ class CpuBackend(HostDecisions):
     name = "cpu"
 
     def __init__(self, bundle: Bundle, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
-                 spans: bool = True):
-        """`spans`: run the bundle's span graphs where the chain can (False: every block on its own)."""
+                 spans: bool = True, spinning: bool = False):
+        """`spans`: run the bundle's span graphs where the chain can (False: every block on its own);
+        `spinning`: ONNX Runtime's spin-waiting threads (`sessions.session_options`)."""
         self.bundle, self.manifest = bundle, bundle.manifest
         self.num_layers = self.manifest.num_layers
         self.spans = used_spans(self.manifest, spans)
-        self.sessions = Sessions(bundle, providers, threads, spans=self.spans)
+        self.sessions = Sessions(bundle, providers, threads, spans=self.spans, spinning=spinning)
         self.calls: dict[str, int] = {name: 0 for name in self.manifest.graphs}
         self.kv_dtype = kv_dtype(self.manifest)
 
