@@ -148,3 +148,25 @@ def test_spans_do_not_change_the_manifest_digest(stories_bundle):
     from adainfer.exporter.span_writer import without_spans
 
     assert without_spans(manifest).digest() == manifest.digest()
+
+
+def test_smollm2_full_depth_generation_is_token_identical_with_and_without_spans(smollm2_bundle):
+    manifest = Manifest.load(smollm2_bundle)
+    assert manifest.spans == {(0, 29): "span_00_29"}
+    # the span holds no weights of its own: the blocks' live once, in the shared file both reference
+    assert (smollm2_bundle / "span_00_29.onnx").stat().st_size < 1 << 20
+    question = "Once upon a time, in a small village,"
+    runs = {}
+    for spans in (True, False):
+        model = rt.load(smollm2_bundle, threads=2, spans=spans)
+        ids = model.encode(question)
+        logits, kv = prefill(model, ids)
+        g = model.generate(ids, max_new_tokens=32, stop_at_eos=False)
+        runs[spans] = (g.tokens, logits, kv, dict(model.session_calls))
+        model.close()
+    assert runs[True][0] == runs[False][0] and len(runs[True][0]) == 32
+    assert np.max(np.abs(runs[True][1] - runs[False][1])) <= 1e-5
+    for (ka, va), (kb, vb) in zip(runs[True][2], runs[False][2]):
+        assert np.max(np.abs(ka - kb)) <= 1e-5 and np.max(np.abs(va - vb)) <= 1e-5
+    assert runs[True][3]["span_00_29"] == 33 and not any(runs[True][3][f"block_{i:02d}"] for i in range(30))
+    assert runs[False][3]["span_00_29"] == 0 and all(runs[False][3][f"block_{i:02d}"] == 33 for i in range(30))
