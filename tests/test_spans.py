@@ -170,3 +170,28 @@ def test_smollm2_full_depth_generation_is_token_identical_with_and_without_spans
         assert np.max(np.abs(ka - kb)) <= 1e-5 and np.max(np.abs(va - vb)) <= 1e-5
     assert runs[True][3]["span_00_29"] == 33 and not any(runs[True][3][f"block_{i:02d}"] for i in range(30))
     assert runs[False][3]["span_00_29"] == 0 and all(runs[False][3][f"block_{i:02d}"] == 33 for i in range(30))
+
+
+def test_calibration_adds_the_policys_spans_in_one_staged_update(stories_bundle, tmp_path):
+    """`calibrate._write` path: the spans go into the staged update beside the policy; the live bundle is untouched until
+    the swap, the new spans point into the bundle's shared weight file (no weight bytes added), the digest is unchanged."""
+    from adainfer.atomic import staged_update
+    from adainfer.calib.calibrate import _add_policy_spans
+
+    bundle = tmp_path / "b"
+    shutil.copytree(stories_bundle, bundle)
+    before = Manifest.load(bundle)
+    weights = (bundle / "shared_weights.bin").stat().st_size
+    policy = ExitPolicy(decision="rule", features=["gap"], threshold=2.0, min_layer=3, stride=10)  # evaluates layer 3
+    with staged_update(bundle) as update:
+        manifest = _add_policy_spans(bundle, before, policy, update.dir)
+        assert sorted(Manifest.load(bundle).spans) == [(0, 4)]  # not yet live
+    after = Manifest.load(bundle)
+    assert sorted(after.spans) == [(0, 2), (0, 4), (3, 4)] == sorted(manifest.spans)
+    assert after.digest() == before.digest()
+    assert (bundle / "shared_weights.bin").stat().st_size == weights and (bundle / "span_00_02.onnx").stat().st_size < 64 << 10
+    model = rt.load(bundle)
+    g = model.generate(PROMPT, max_new_tokens=4, mode="early-exit", policy=policy, stop_at_eos=False)
+    assert {k: v for k, v in model.session_calls.items() if v} == {
+        "embed": 4, "span_00_04": 1, "span_00_02": 3, "exit_head": 3, "span_03_04": 3, "final_head": 4}
+    assert g.tokens == rt.load(bundle, spans=False).generate(PROMPT, max_new_tokens=4, stop_at_eos=False).tokens
