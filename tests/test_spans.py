@@ -195,3 +195,18 @@ def test_calibration_adds_the_policys_spans_in_one_staged_update(stories_bundle,
     assert {k: v for k, v in model.session_calls.items() if v} == {
         "embed": 4, "span_00_04": 1, "span_00_02": 3, "exit_head": 3, "span_03_04": 3, "final_head": 4}
     assert g.tokens == rt.load(bundle, spans=False).generate(PROMPT, max_new_tokens=4, stop_at_eos=False).tokens
+
+
+def test_a_converted_bundle_gets_its_span_merged_from_the_converted_blocks(stories_hf, stories_bundle, tmp_path):
+    import onnx
+
+    from adainfer.exporter.convert import convert_bundle
+
+    manifest = convert_bundle(stories_hf, stories_bundle, tmp_path / "int4", "int4")
+    out = tmp_path / "int4"
+    assert manifest.spans == {(0, 4): "span_00_04"} and manifest.graphs["span_00_04"].precision == "int4"
+    ops = [n.op_type for n in onnx.load(str(out / "span_00_04.onnx"), load_external_data=False).graph.node]
+    block_ops = [n.op_type for n in onnx.load(str(out / "block_00.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 5 * block_ops.count("MatMulNBits") > 0
+    runs = [rt.load(out, spans=s).generate(PROMPT, max_new_tokens=12, stop_at_eos=False).tokens for s in (True, False)]
+    assert runs[0] == runs[1]
