@@ -81,7 +81,9 @@ def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], t
     if reshare:
         if out_dir != bundle_dir:
             raise ExportError("spans can move the blocks' weights only inside the bundle being exported")
-        shared = share_weights(bundle_dir, [spec.file if spec else f"{k}.onnx" for k, spec in graphs.items()], threshold)
+        # the new spans first: they read the blocks' own data files, which rewriting a block removes
+        order = sorted(graphs, key=lambda k: graphs[k] is not None)
+        shared = share_weights(bundle_dir, [graphs[k].file if graphs[k] else f"{k}.onnx" for k in order], threshold)
         if shared:
             files["shared_weights"] = file_spec(bundle_dir, shared)
         graphs = {k: dataclasses.replace(graph_spec(bundle_dir, f"{k}.onnx" if spec is None else spec.file),
