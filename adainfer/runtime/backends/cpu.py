@@ -83,6 +83,7 @@ class Sessions(Mapping):
         covered = {m.block_name(i) for first, last in spans for i in range(first, last + 1)}
         full = m.spans.get((0, m.num_layers - 1)) if (0, m.num_layers - 1) in spans else None
         lazy_names = covered | {name for name in m.spans.values() if name != full}
+        unused = {m.spans[r] for r in m.spans if r not in spans}  # never run here: interface read on the CPU
         self._sessions: dict = {}
         self._lock = threading.Lock()
         names = list(bundle.manifest.graphs)
@@ -92,8 +93,11 @@ class Sessions(Mapping):
         # copy for a moment, so the vocabulary-sized ones go while little else is resident (peak RSS)
         for name in sorted(names, key=lambda n: n not in ("final_head", "exit_head", "embed")):
             lazy = name.startswith(self.LAZY) or name in lazy_names
-            session = make_session(bundle.graph_path(name), self._providers(name), threads, light=lazy, require=require,
-                                   spinning=spinning)
+            if name in unused:
+                session = make_session(bundle.graph_path(name), light=True)
+            else:
+                session = make_session(bundle.graph_path(name), self._providers(name), threads, light=lazy,
+                                       require=require, spinning=spinning)
             bundle.check_session(name, session)  # the graphs' real interfaces match the manifest
             self.inputs[name] = [i.name for i in session.get_inputs()]
             self.outputs[name] = [o.name for o in session.get_outputs()]
