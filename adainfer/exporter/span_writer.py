@@ -71,19 +71,19 @@ def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], t
         for data in [f.file for f in manifest.files.values()] + [d.file for g in manifest.graphs.values() for d in g.data_files]:
             if not (out_dir / data).exists() and (bundle_dir / data).is_file():
                 os.link(bundle_dir / data, out_dir / data)
-    graphs = dict(manifest.graphs)
+    # new spans listed first: sharing reads the graphs in this order, and a span reads the blocks' own data files,
+    # which rewriting a block removes (so a second `share_weights` in manifest order changes nothing)
+    graphs: dict = {span_name(first, last): None for first, last in ranges}
+    graphs.update(manifest.graphs)
     for first, last in ranges:
         name = span_name(first, last)
         files = [manifest.graphs[manifest.block_name(i)].file for i in range(first, last + 1)]
         merge_blocks(bundle_dir, files, first, f"{name}.onnx", out_dir=out_dir)
-        graphs[name] = None
     files = dict(manifest.files)
     if reshare:
         if out_dir != bundle_dir:
             raise ExportError("spans can move the blocks' weights only inside the bundle being exported")
-        # the new spans first: they read the blocks' own data files, which rewriting a block removes
-        order = sorted(graphs, key=lambda k: graphs[k] is not None)
-        shared = share_weights(bundle_dir, [graphs[k].file if graphs[k] else f"{k}.onnx" for k in order], threshold)
+        shared = share_weights(bundle_dir, [spec.file if spec else f"{k}.onnx" for k, spec in graphs.items()], threshold)
         if shared:
             files["shared_weights"] = file_spec(bundle_dir, shared)
         graphs = {k: dataclasses.replace(graph_spec(bundle_dir, f"{k}.onnx" if spec is None else spec.file),
