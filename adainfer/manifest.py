@@ -39,6 +39,8 @@ TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", 
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BLOCK = re.compile(r"block_(\d+)")
+#: a span of blocks FIRST..LAST (0-based, inclusive) merged into one graph (`exporter/spans.py`)
+SPAN = re.compile(r"span_(\d{2,})_(\d{2,})")
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,16 @@ class Manifest:
             return "float32"
         return next((t.dtype for t in self.graphs[self.block_name(0)].inputs if t.name == "past_key"), "float32")
 
+    @property
+    def spans(self) -> dict[tuple[int, int], str]:
+        """(first, last) block (0-based, inclusive) -> graph name of every span graph the bundle has."""
+        found = {}
+        for key in self.graphs:
+            match = SPAN.fullmatch(key)
+            if match:
+                found[(int(match.group(1)), int(match.group(2)))] = key
+        return found
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         for optional in ("source", "kv_cache"):  # manifests (and digests) of bundles without them stay as they were
@@ -201,8 +213,11 @@ class Manifest:
         atomic_write_text(Path(bundle_dir) / MANIFEST_NAME, text, BundleError)
 
     def digest(self) -> str:
-        """sha256 of what the export decided: everything but `extras` and `attachments`."""
+        """sha256 of what the export decided: everything but `extras`, `attachments` and the span graphs
+        (a span is its blocks merged, the same computation: adding spans after calibration, where the
+        policy's evaluated layers are known, keeps the policy and engines built from the bundle valid)."""
         core = {k: v for k, v in self.to_dict().items() if k not in ("extras", "attachments")}
+        core["graphs"] = {k: v for k, v in core["graphs"].items() if not SPAN.fullmatch(k)}
         text = json.dumps(core, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -317,8 +332,16 @@ class Manifest:
         fixed = {"hidden_states": {-1: ("hidden_size", self.hidden_size)},
                  "hidden_states_out": {-1: ("hidden_size", self.hidden_size)},
                  "logits": {-1: ("vocab_size", self.vocab_size)}}
-        kv = {1: ("num_kv_heads", self.num_kv_heads), 3: ("head_dim", self.head_dim)}
+        kv = kv_shape = {1: ("num_kv_heads", self.num_kv_heads), 3: ("head_dim", self.head_dim)}
         fixed.update({name: kv for name in ("past_key", "past_value", "present_key", "present_value")})
+        for (first, last), key in self.spans.items():
+            if not first < last < self.num_layers:
+                raise BundleError(f"manifest.json: graph {key} is not a span of two or more of the {self.num_layers} blocks")
+            layers = [f"{i:02d}" for i in range(first, last + 1)]
+            required[key] = (["hidden_states", "attention_mask"] + [f"past_{kv}_{i}" for i in layers for kv in ("key", "value")],
+                             ["hidden_states_out"] + [f"present_{kv}_{i}" for i in layers for kv in ("key", "value")])
+            fixed.update({f"{kind}_{kv}_{i}": kv_shape for i in layers for kind in ("past", "present")
+                          for kv in ("key", "value")})
         for key, graph in self.graphs.items():
             needed = block_io if key in self.block_names else required.get(key, ([], []))
             for kind, names, specs in (("inputs", needed[0], graph.inputs), ("outputs", needed[1], graph.outputs)):
@@ -328,7 +351,7 @@ class Manifest:
                         raise BundleError(f"manifest.json: graphs.{_key(key)}.{kind} has no {name}")
                 for t in specs:
                     for axis, (what, value) in fixed.get(t.name, {}).items():
-                        if t.name in kv_names() and len(t.shape) != 4:
+                        if (t.name in kv_names() or t.name.startswith(("past_", "present_"))) and len(t.shape) != 4:
                             raise BundleError(f"manifest.json: graphs.{_key(key)} {t.name} must have 4 dimensions")
                         dim = t.shape[axis] if t.shape else None
                         if isinstance(dim, int) and dim != value:

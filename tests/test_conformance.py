@@ -7,6 +7,9 @@ Runtime sessions behind TensorRT's context API, in host memory: tests/fake_engin
 the backend's logic, not TensorRT), and `ort-cuda`, `ort-trt`, `tensorrt` on a GPU, which skip
 here with their reason (no GPU is not a pass).
 
+Bundles carry the full-depth span (`span_00_LL`), which `cpu` and `cpu-iobinding` run by default;
+`cpu/blocks` and `cpu-iobinding/blocks` load with `spans=False` (every block its own call).
+
 Checks: logits at every step equal transformers' (random-weight tiny Llama, and stories260K);
 a batch of two left-padded prompts equals each prompt alone; early exit exits where the policy
 says and fills the skipped layers' cache exactly as the cpu backend does; speculative decoding
@@ -25,7 +28,7 @@ from adainfer.runtime.decoding import EarlyExitDecoder, Sampler
 from adainfer.runtime.exit_policy import ExitPolicy
 from conftest import tiny_model
 
-CPU_BACKENDS = ["cpu", "cpu-iobinding", "tensorrt-on-ort"]
+CPU_BACKENDS = ["cpu", "cpu-iobinding", "tensorrt-on-ort", "cpu/blocks", "cpu-iobinding/blocks"]
 GPU_BACKENDS = ["ort-cuda", "ort-trt", "tensorrt"]
 ALL = CPU_BACKENDS + GPU_BACKENDS
 
@@ -73,7 +76,13 @@ def load(bundle, name: str, tmp_path_factory=None):
         shutil.copytree(bundle, copy)
         build_engines(copy, BuildOptions(max_batch=2, max_seq=32, max_context=64), log=lambda _: None)
         bundle = copy
+    if name.endswith("/blocks"):
+        return rt.load(bundle, backend=name.removesuffix("/blocks"), spans=False)
     return rt.load(bundle, backend=name)
+
+
+def graphs_run(model) -> set:
+    return {g for g, n in model.session_calls.items() if n}
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +120,8 @@ def test_logits_equal_transformers_at_every_step(name, case, tmp_path_factory):
         seq.append(token)
         logits = model.step(state, [token])
     assert worst < 1e-4, worst
+    spans = {g for g in graphs_run(model) if g.startswith("span_")}
+    assert spans == ({f"span_00_{model.num_layers - 1:02d}"} if name in ("cpu", "cpu-iobinding") else set()), spans
     assert state.length == len(seq) and all(state.layer(i)[0].shape[2] == len(seq) for i in range(model.num_layers))
 
 

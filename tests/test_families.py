@@ -1,6 +1,7 @@
 """Every family against transformers: padded batch prefill, then 16 cached decode steps (1e-4)."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -60,10 +61,14 @@ def test_gqa_geometry_recorded(tmp_path):
 def test_external_data_for_large_graphs(tmp_path):
     model = tiny_model("llama")
     manifest = export_model(model, tmp_path / "b", external_data_threshold=0)
-    for name in ["block_00", "embed"]:
+    for name in ["block_00", "embed", manifest.spans[(0, manifest.num_layers - 1)]]:
         spec = manifest.graphs[name]
         assert [d.file for d in spec.data_files] == [f"{name}.onnx.data"]
-        assert (tmp_path / "b" / f"{name}.onnx.data").stat().st_size > spec.size
+    assert (tmp_path / "b" / "embed.onnx.data").stat().st_size > manifest.graphs["embed"].size
+    # a block's large weights are also the full-depth span's: stored once, in the shared file both reference
+    locations = {e.value for t in onnx.load(str(tmp_path / "b" / "block_00.onnx"), load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {"block_00.onnx.data", "shared_weights.bin"}
     # the LM head both heads hold is stored once, in the shared file (exporter/shared_weights.py)
     assert manifest.graphs["exit_head"].data_files == [] and "shared_weights" in manifest.files
     runtime = rt.load(tmp_path / "b")

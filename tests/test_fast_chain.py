@@ -84,8 +84,12 @@ def test_tied_table_is_stored_once_and_logits_equal_transformers(tied):
     assert _ops(bundle / "final_head.onnx")["Gemm"] == 1 and _ops(bundle / "final_head.onnx")["MatMul"] == 0
     # the bundle is about its parameters: 1 table + 3 blocks (+ graph structure), not 3 tables
     params = sum(p.numel() * 4 for p in model.parameters())
-    total = sum((bundle / s.file).stat().st_size for s in manifest.all_files().values())
+    spans = {manifest.graphs[g].file for g in manifest.spans.values()}
+    total = sum((bundle / s.file).stat().st_size for s in manifest.all_files().values() if s.file not in spans)
     assert total < params + table.nbytes / 2, (total, params)
+    # the full-depth span holds its blocks' graph structure and small inline tensors, no weights of its own
+    blocks = sum((bundle / manifest.graphs[b].file).stat().st_size for b in manifest.block_names)
+    assert spans == {"span_00_02.onnx"} and (bundle / "span_00_02.onnx").stat().st_size < blocks + 4096
 
     runtime = rt.load(bundle)
     rng = np.random.default_rng(3)
@@ -129,7 +133,8 @@ def test_untied_model_shares_only_what_is_identical(tmp_path):
 def test_exit_head_and_kv_fill_sessions_are_created_on_first_use(stories_bundle):
     model = rt.load(stories_bundle)
     loaded = set(model.sessions.loaded())
-    assert "final_head" in loaded and "block_00" in loaded and "exit_head" not in loaded
+    # the full-depth span runs every full-depth pass: the blocks it covers are loaded on first use only
+    assert "final_head" in loaded and "span_00_04" in loaded and "block_00" not in loaded and "exit_head" not in loaded
     assert not any(name.startswith("kv_fill_") for name in loaded)
     model.generate("Once upon a time", max_new_tokens=4)
     assert "exit_head" not in model.sessions.loaded()

@@ -84,13 +84,13 @@ def test_the_runtime_never_imports_engines_in_its_source():
 
 
 def test_one_block_loop_in_the_runtime():
-    """Only chain.py loops calling a block or kv_fill graph per layer."""
+    """Only chain.py loops calling a block, segment (span of blocks) or kv_fill graph per layer."""
     loops = []
     for path in (PACKAGE / "runtime").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.For, ast.While)):
                 calls = {c.func.attr for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)}
-                if calls & {"block", "kv_fill"}:
+                if calls & {"block", "segment", "kv_fill"}:
                     loops.append((path.name, node.lineno))
     assert [name for name, _ in loops] == ["chain.py", "chain.py"], loops  # run_layers and fill_skipped
 

@@ -1,79 +1,212 @@
-"""Spans: consecutive block graphs merged into one (exporter/spans.py) compute exactly what the chained blocks do;
-the bench's span contender decodes the chain's tokens; forced exits of a precision variant get their own ratios."""
+"""Spans of blocks in bundles and in the chain: the same numbers as the blocks, fewer session calls."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
-import onnxruntime as ort
+import pytest
 
-from adainfer.bench import report
-from adainfer.exporter import export_model
-from adainfer.exporter.spans import merge_blocks, span_name
+import adainfer.runtime as rt
+from adainfer.errors import BundleError
+from adainfer.exporter.span_writer import add_spans, check_span
 from adainfer.manifest import Manifest
-from conftest import tiny_model
+from adainfer.runtime.exit_policy import ExitPolicy
+from adainfer.runtime.segments import cover, policy_stops, span_ranges
+
+PROMPT = "Once upon a time"
+BACKENDS = ("cpu", "cpu-iobinding")
 
 
-def _session(path):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def prefill(model, ids):
+    """Logits at every prompt position and every layer's keys and values after the prompt."""
+    from adainfer.runtime import chain
+
+    state = model.new_state(1)
+    input_ids = np.asarray([ids], dtype=np.int64)
+    run = chain.run_layers(model.backend, input_ids, state, np.ones_like(input_ids))
+    logits = chain.all_logits(model.backend, run)
+    kv = [tuple(np.array(a) for a in state.layer(i)) for i in range(model.num_layers)]
+    state.close()
+    return logits, kv
 
 
-def test_a_span_equals_its_blocks_run_one_after_another(tmp_path):
-    """Blocks 1..2 of a 3-layer Llama (fused blocks, shared weights) as one span, on a decode step with a cache:
-    hidden state and every present key/value identical to the blocks chained, inputs and outputs named per block."""
+def test_cover_takes_the_longest_span_between_stops_and_blocks_elsewhere():
+    spans = [(0, 4), (0, 1), (2, 3)]
+    assert cover(5, [], spans) == [(0, 4)]
+    assert cover(5, [2, 4], spans) == [(0, 1), (2, 3), (4, 4)]
+    assert cover(5, [1], spans) == [(0, 0), (1, 1), (2, 3), (4, 4)]
+    assert cover(5, [], []) == [(i, i) for i in range(5)]
+    assert span_ranges(5, [2, 4]) == [(0, 1), (2, 3)]
+    assert span_ranges(30, []) == [(0, 29)]
+    assert span_ranges(5, [1, 2, 3, 4]) == []
+    rule = ExitPolicy(decision="rule", features=["gap"], threshold=2.0, min_layer=2, stride=2)
+    assert policy_stops(rule, 5) == {2, 4}
+    hidden = ExitPolicy(decision="rule", features=["cos_prev"], threshold=2.0, min_layer=3, stride=1, head="none")
+    assert policy_stops(hidden, 5) == {2, 3, 4}  # the previous layer's hidden state is read too
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_span_gives_the_logits_and_every_layer_kv_of_the_chained_blocks(stories_bundle, backend):
+    manifest = Manifest.load(stories_bundle)
+    assert manifest.spans == {(0, manifest.num_layers - 1): "span_00_04"}
+    with_spans, without = rt.load(stories_bundle, backend=backend), rt.load(stories_bundle, backend=backend, spans=False)
+    ids = with_spans.encode(PROMPT)
+    logits_a, kv_a = prefill(with_spans, ids)
+    logits_b, kv_b = prefill(without, ids)
+    assert with_spans.session_calls["span_00_04"] == 1 and with_spans.session_calls["block_00"] == 0
+    assert without.session_calls["span_00_04"] == 0 and without.session_calls["block_04"] == 1
+    assert np.max(np.abs(logits_a - logits_b)) <= 1e-5
+    for (ka, va), (kb, vb) in zip(kv_a, kv_b):
+        assert ka.shape == kb.shape == (1, manifest.num_kv_heads, len(ids), manifest.head_dim)
+        assert np.max(np.abs(ka - kb)) <= 1e-5 and np.max(np.abs(va - vb)) <= 1e-5
+
+
+def test_the_exporters_span_check_measures_the_span_against_its_blocks(stories_bundle):
+    manifest = Manifest.load(stories_bundle)
+    assert check_span(stories_bundle, stories_bundle, manifest, 0, 4) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_depth_generation_is_token_identical_with_three_calls_per_step(stories_bundle, backend):
+    runs = {}
+    for spans in (True, False):
+        model = rt.load(stories_bundle, backend=backend, spans=spans)
+        g = model.generate(PROMPT, max_new_tokens=24, stop_at_eos=False)
+        runs[spans] = (g.tokens, {k: v for k, v in model.session_calls.items() if v})
+        loaded = model.sessions.loaded()
+        if spans:  # the blocks the span covers are never loaded
+            assert not [n for n in loaded if n.startswith("block_")], loaded
+        model.close()
+    assert runs[True][0] == runs[False][0] and len(runs[True][0]) == 24
+    steps = 24  # the prompt and 23 decode steps
+    assert runs[True][1] == {"embed": steps, "span_00_04": steps, "final_head": steps}
+    assert runs[False][1] == {"embed": steps, "final_head": steps, **{f"block_{i:02d}": steps for i in range(5)}}
+
+
+@pytest.fixture(scope="module")
+def policy_spans_bundle(stories_bundle, tmp_path_factory):
+    """The stories bundle with the spans between layers 2 and 4 (a policy evaluating after blocks 2 and 4)."""
+    out = tmp_path_factory.mktemp("spans") / "stories"
+    shutil.copytree(stories_bundle, out)
+    manifest = Manifest.load(out)
+    policy = ExitPolicy(decision="rule", features=["gap"], threshold=2.0, min_layer=2, stride=2)  # gap < 2: never stops
+    add_spans(out, manifest, span_ranges(manifest.num_layers, policy_stops(policy, manifest.num_layers)))
+    return out, policy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_early_exit_runs_the_spans_between_evaluated_layers(policy_spans_bundle, backend):
+    bundle, policy = policy_spans_bundle
+    assert sorted(Manifest.load(bundle).spans) == [(0, 1), (0, 4), (2, 3)]
+    model = rt.load(bundle, backend=backend)
+    g = model.generate(PROMPT, max_new_tokens=8, mode="early-exit", policy=policy, stop_at_eos=False)
+    calls = {k: v for k, v in model.session_calls.items() if v}
+    steps = 7  # after the prompt (full depth: one span_00_04 call)
+    assert calls == {"embed": 8, "span_00_04": 1, "span_00_01": steps, "span_02_03": steps, "block_04": steps,
+                     "exit_head": 2 * steps, "final_head": 8}
+    assert g.layers_per_token == [5] * 8
+    plain = rt.load(bundle, backend=backend, spans=False).generate(PROMPT, max_new_tokens=8, stop_at_eos=False)
+    assert g.tokens == plain.tokens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_early_exit_and_speculative_keep_working_with_spans(stories_bundle, backend):
+    forced = ExitPolicy.forced(2)
+    out = {}
+    for spans in (True, False):
+        model = rt.load(stories_bundle, backend=backend, spans=spans)
+        e = model.generate(PROMPT, max_new_tokens=10, mode="early-exit", policy=forced, stop_at_eos=False)
+        s = model.generate(PROMPT, max_new_tokens=10, mode="speculative", policy=forced, stop_at_eos=False)
+        f = model.generate(PROMPT, max_new_tokens=10, stop_at_eos=False)
+        out[spans] = (e.tokens, e.layers_per_token, s.tokens, f.tokens)
+    assert out[True] == out[False]
+    assert out[True][2] == out[True][3]  # speculative is lossless: the full-depth greedy tokens
+    assert out[True][1][1:] == [2] * 9
+
+
+def test_a_span_graph_with_a_wrong_interface_is_refused(stories_bundle, tmp_path):
     out = tmp_path / "b"
-    export_model(tiny_model("llama"), out, progress=False)
-    m = Manifest.load(out)
-    assert m.num_layers == 3
-    files = [m.graphs[m.block_name(i)].file for i in (1, 2)]
-    span = _session(merge_blocks(out, files, 1, span_name(1, 2) + ".onnx"))
-    assert [i.name for i in span.get_inputs()] == ["hidden_states", "position_ids", "attention_mask", "past_key_01",
-                                                   "past_value_01", "past_key_02", "past_value_02"]
-    assert [o.name for o in span.get_outputs()] == ["hidden_states_out", "present_key_01", "present_value_01",
-                                                    "present_key_02", "present_value_02"]
-    rng = np.random.default_rng(0)
-    past = 5
-    hidden = rng.standard_normal((2, 1, m.hidden_size)).astype(np.float32)
-    position = np.array([[past], [past - 1]], np.int64)
-    mask = np.ones((2, past + 1), np.int64)
-    mask[1, 0] = 0  # a left-padded row
-    caches = {i: [rng.standard_normal((2, m.num_kv_heads, past, m.head_dim)).astype(np.float32) for _ in range(2)]
-              for i in (1, 2)}
-    feeds = {"hidden_states": hidden, "position_ids": position, "attention_mask": mask}
-    for i, (k, v) in caches.items():
-        feeds[f"past_key_{i:02d}"], feeds[f"past_value_{i:02d}"] = k, v
-    got = span.run(None, feeds)
-    want, x = [], hidden
-    for i, f in zip((1, 2), files):
-        x, k, v = _session(out / f).run(None, {"hidden_states": x, "position_ids": position, "attention_mask": mask,
-                                                "past_key": caches[i][0], "past_value": caches[i][1]})
-        want += [k, v]
-    np.testing.assert_array_equal(got[0], x)
-    for g, w in zip(got[1:], want):
-        np.testing.assert_array_equal(g, w)
+    shutil.copytree(stories_bundle, out)
+    data = json.loads((out / "manifest.json").read_text())
+    span = data["graphs"].pop("span_00_04")
+    data["graphs"]["span_00_05"] = span  # past the last block
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="span_00_05 is not a span"):
+        rt.load(out)
+    data["graphs"].pop("span_00_05")
+    span["inputs"] = [t for t in span["inputs"] if t["name"] != "past_key_03"]
+    data["graphs"]["span_00_04"] = span
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="span_00_04.inputs has no past_key_03"):
+        rt.load(out)
 
 
-def test_the_span_contender_decodes_the_chains_tokens(tmp_path):
-    from adainfer.bench.contenders import build
+def test_spans_do_not_change_the_manifest_digest(stories_bundle):
+    manifest = Manifest.load(stories_bundle)
+    from adainfer.exporter.span_writer import without_spans
 
-    out = tmp_path / "b"
-    export_model(tiny_model("llama"), out, progress=False)
-    chain, span = build("chain_full", out, 1), build("span_fp32", out, 1)
-    assert span.layers == chain.layers == 3 and (out / "span_00_02.onnx").is_file()
-    tokens = {}
-    for name, c in (("chain", chain), ("span", span)):
-        state, token = c.prefill([5, 9, 30, 7])
-        tokens[name] = [token]
-        for _ in range(6):
-            token = c.step(state, token)
-            tokens[name].append(token)
-    assert tokens["span"] == tokens["chain"]
+    assert without_spans(manifest).digest() == manifest.digest()
 
 
-def test_forced_exits_of_a_precision_variant_are_divided_by_its_own_full_depth():
-    samples = {"chain_full": {"decode": [10.0, 12.0]}, "chain_exit@2": {"decode": [4.0, 6.0]},
-               "chain_fp32-head8": {"decode": [8.0, 8.0]}, "chain_fp32-head8_exit@2": {"decode": [2.0, 4.0]}}
-    r = report.ratios(samples, 8, [2])
-    assert r["forced_exit_over_full_decode"]["2"]["median"] == (0.4 + 0.5) / 2
-    assert r["forced_exit_over_own_full_decode"] == {"chain_fp32-head8": {"2": {"median": 0.375, "min": 0.25, "max": 0.5}}}
+def test_smollm2_full_depth_generation_is_token_identical_with_and_without_spans(smollm2_bundle):
+    manifest = Manifest.load(smollm2_bundle)
+    assert manifest.spans == {(0, 29): "span_00_29"}
+    # the span holds no weights of its own: the blocks' live once, in the shared file both reference
+    assert (smollm2_bundle / "span_00_29.onnx").stat().st_size < 1 << 20
+    question = "Once upon a time, in a small village,"
+    runs = {}
+    for spans in (True, False):
+        model = rt.load(smollm2_bundle, threads=2, spans=spans)
+        ids = model.encode(question)
+        logits, kv = prefill(model, ids)
+        g = model.generate(ids, max_new_tokens=32, stop_at_eos=False)
+        runs[spans] = (g.tokens, logits, kv, dict(model.session_calls))
+        model.close()
+    assert runs[True][0] == runs[False][0] and len(runs[True][0]) == 32
+    assert np.max(np.abs(runs[True][1] - runs[False][1])) <= 1e-5
+    for (ka, va), (kb, vb) in zip(runs[True][2], runs[False][2]):
+        assert np.max(np.abs(ka - kb)) <= 1e-5 and np.max(np.abs(va - vb)) <= 1e-5
+    assert runs[True][3]["span_00_29"] == 33 and not any(runs[True][3][f"block_{i:02d}"] for i in range(30))
+    assert runs[False][3]["span_00_29"] == 0 and all(runs[False][3][f"block_{i:02d}"] == 33 for i in range(30))
+
+
+def test_calibration_adds_the_policys_spans_in_one_staged_update(stories_bundle, tmp_path):
+    """`calibrate._write` path: the spans go into the staged update beside the policy; the live bundle is untouched until
+    the swap, the new spans point into the bundle's shared weight file (no weight bytes added), the digest is unchanged."""
+    from adainfer.atomic import staged_update
+    from adainfer.calib.calibrate import _add_policy_spans
+
+    bundle = tmp_path / "b"
+    shutil.copytree(stories_bundle, bundle)
+    before = Manifest.load(bundle)
+    weights = (bundle / "shared_weights.bin").stat().st_size
+    policy = ExitPolicy(decision="rule", features=["gap"], threshold=2.0, min_layer=3, stride=10)  # evaluates layer 3
+    with staged_update(bundle) as update:
+        manifest = _add_policy_spans(bundle, before, policy, update.dir)
+        assert sorted(Manifest.load(bundle).spans) == [(0, 4)]  # not yet live
+    after = Manifest.load(bundle)
+    assert sorted(after.spans) == [(0, 2), (0, 4), (3, 4)] == sorted(manifest.spans)
+    assert after.digest() == before.digest()
+    assert (bundle / "shared_weights.bin").stat().st_size == weights and (bundle / "span_00_02.onnx").stat().st_size < 64 << 10
+    model = rt.load(bundle)
+    g = model.generate(PROMPT, max_new_tokens=4, mode="early-exit", policy=policy, stop_at_eos=False)
+    assert {k: v for k, v in model.session_calls.items() if v} == {
+        "embed": 4, "span_00_04": 1, "span_00_02": 3, "exit_head": 3, "span_03_04": 3, "final_head": 4}
+    assert g.tokens == rt.load(bundle, spans=False).generate(PROMPT, max_new_tokens=4, stop_at_eos=False).tokens
+
+
+def test_a_converted_bundle_gets_its_span_merged_from_the_converted_blocks(stories_hf, stories_bundle, tmp_path):
+    import onnx
+
+    from adainfer.exporter.convert import convert_bundle
+
+    manifest = convert_bundle(stories_hf, stories_bundle, tmp_path / "int4", "int4")
+    out = tmp_path / "int4"
+    assert manifest.spans == {(0, 4): "span_00_04"} and manifest.graphs["span_00_04"].precision == "int4"
+    ops = [n.op_type for n in onnx.load(str(out / "span_00_04.onnx"), load_external_data=False).graph.node]
+    block_ops = [n.op_type for n in onnx.load(str(out / "block_00.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 5 * block_ops.count("MatMulNBits") > 0
+    runs = [rt.load(out, spans=s).generate(PROMPT, max_new_tokens=12, stop_at_eos=False).tokens for s in (True, False)]
+    assert runs[0] == runs[1]

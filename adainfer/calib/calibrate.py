@@ -399,6 +399,7 @@ def _write(bundle_dir: Path, model, winner: Candidate, held: FeatureTable, heads
     checked = held.hidden_table() if held.hidden is not None else held
     with staged_update(bundle_dir) as update:
         policy, names, checks = write_decider(winner, heads, update.dir, bundle_dir, manifest, checked)
+        manifest = _add_policy_spans(bundle_dir, manifest, policy, update.dir)
         policy.save(update.path(POLICY_FILE))
         names["exit_policy"] = POLICY_FILE
         report["chosen"]["decision"] = policy.decision
@@ -411,6 +412,19 @@ def _write(bundle_dir: Path, model, winner: Candidate, held: FeatureTable, heads
             manifest = manifest.attach(key, update.dir, name)
         manifest = dataclasses.replace(manifest, extras={**manifest.extras, "exit_decision": policy.decision})
         manifest.save(update.dir)
+
+
+def _add_policy_spans(bundle_dir: Path, manifest, policy: ExitPolicy, out_dir: Path):
+    """The spans between the layers `policy` evaluates (an early-exit step then runs them, not their blocks),
+    written beside the update; only into bundles whose export wrote the full-depth span (the blocks' weights
+    are then in the shared file the new spans point into: no weight bytes added)."""
+    from ..exporter.span_writer import add_spans
+    from ..runtime.segments import policy_stops, span_ranges
+
+    L = manifest.num_layers
+    if (0, L - 1) not in manifest.spans:
+        return manifest
+    return add_spans(bundle_dir, manifest, span_ranges(L, policy_stops(policy, L)), out_dir=out_dir)
 
 
 class _NoModel:

@@ -78,7 +78,8 @@ def write_engines(root: Path, manifest: Manifest, options: BuildOptions, device:
     from .decider import bundle_folded_policy, write_bundle_decider
 
     with staged_directory(target, force=True, error=EngineError) as staging:
-        jobs = [(graph, spec, root / spec.file) for graph, spec in manifest.graphs.items()]
+        spans = set(manifest.spans.values())  # the tensorrt backend runs single blocks
+        jobs = [(graph, spec, root / spec.file) for graph, spec in manifest.graphs.items() if graph not in spans]
         decider = write_bundle_decider(root, manifest, staging)
         if decider is not None:
             jobs.append((DECIDER, decider[0], decider[1]))

@@ -88,7 +88,9 @@ def convert_bundle(model, src: Path, out_dir: Path, precision: str, *, quantize_
     quantize.check_block_size(block_size)
     quantize.check_options(precision, grid, head_bits)
     heads = quantize.heads_by_default(precision) if quantize_heads is None else quantize_heads
-    manifest = Manifest.load(src)
+    from .span_writer import add_full_span, without_spans
+
+    manifest = without_spans(Manifest.load(src))  # spans are merged again from the converted blocks
     if any(g.precision != "fp32" for g in manifest.graphs.values()):
         raise ExportError(f"{src} is not a float32 bundle")
     staging.check_target(Path(out_dir), force)
@@ -103,4 +105,5 @@ def convert_bundle(model, src: Path, out_dir: Path, precision: str, *, quantize_
         manifest.save(tmp)
         manifest = quantize_graphs(model.eval().float(), tmp, manifest, precision, heads, verify,
                                    external_data_threshold, block_size, grid, head_bits)
+        manifest = add_full_span(tmp, manifest, external_data_threshold, check=verify)
     return manifest

@@ -54,8 +54,10 @@ def _renamed(model: onnx.ModelProto, index: int, hidden_in: str) -> onnx.GraphPr
     return graph
 
 
-def merge_blocks(bundle_dir: Path, block_files: list[str], first: int, out_file: str) -> Path:
-    """Write `bundle_dir/out_file`: the blocks `block_files` (blocks first, first + 1, ...) as one graph."""
+def merge_blocks(bundle_dir: Path, block_files: list[str], first: int, out_file: str, out_dir: Path | None = None) -> Path:
+    """Write `out_dir/out_file` (default `bundle_dir`): the blocks `block_files` of `bundle_dir` (blocks first,
+    first + 1, ...) as one graph. An `out_dir` other than the bundle (a staged update of it) must hold the
+    external data files the blocks reference too (links): the span's references are relative to its directory."""
     bundle_dir = Path(bundle_dir)
     models = [onnx.load(str(bundle_dir / f), load_external_data=False) for f in block_files]
     nodes, inits, inputs, outputs, infos = [], [], [], [], []
@@ -88,10 +90,26 @@ def merge_blocks(bundle_dir: Path, block_files: list[str], first: int, out_file:
     model = helper.make_model(merged, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
                               producer_name="adainfer-spans")
     model.ir_version = models[0].ir_version
-    path = bundle_dir / out_file
+    path = Path(out_dir or bundle_dir) / out_file
     onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path))
+    if out_dir is None or Path(out_dir) == bundle_dir:
+        onnx.checker.check_model(str(path))
+    else:  # the data files beside a staged span are links, which the checker refuses: check the structure only
+        onnx.checker.check_model(_without_external_data(model))
     return path
+
+
+def _without_external_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose initializers stored as external data are graph inputs instead (for checking the structure)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    external = [t for t in copy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    for t in external:
+        copy.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    kept = [t for t in copy.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
+    return copy
 
 
 def inputs_seen(inputs: list) -> set[str]:

@@ -24,7 +24,7 @@ from ..errors import ExportError
 from ..manifest import SCHEMA_VERSION, ExporterInfo, GraphSpec, Macs, Manifest, ModelSource, TensorSpec, file_spec, sha256_of
 from ..paths import DEFAULT_MODEL_DIR
 from . import monolithic as whole_model
-from . import convert, gguf_source, kv_cache, quantize, staging
+from . import convert, gguf_source, kv_cache, quantize, span_writer, staging
 from .families import FamilyAdapter, adapter_class_for, adapter_for
 from .graph_export import OPSET, export_graph as _export_one
 from .graphs import GraphDef, graph_defs
@@ -210,6 +210,8 @@ def export_model(
         if precision != "fp32" or head_bits is not None:  # fp32 with head_bits: only the LM heads are converted
             manifest = convert.quantize_graphs(model, tmp, manifest, precision, quantize_heads, verify,
                                                external_data_threshold, block_size, grid, head_bits)
+        # all blocks as one graph (`span_writer`): full-depth steps run embed -> span -> head
+        manifest = span_writer.add_full_span(tmp, manifest, external_data_threshold, check=verify)
     return manifest
 
 

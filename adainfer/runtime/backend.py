@@ -108,8 +108,15 @@ class Backend(Protocol):
 
     def embed(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: KVCache) -> Any: ...
 
+    #: (first, last) block ranges (0-based, inclusive) this backend runs as one graph (`segment`); may be empty
+    spans: tuple
+
     def block(self, layer: int, hidden: Any, position_ids: np.ndarray, cache: KVCache) -> Any:
         """Run block `layer` on `hidden` and append this step's keys and values to the cache."""
+
+    def segment(self, first: int, last: int, hidden: Any, position_ids: np.ndarray, cache: KVCache) -> Any:
+        """Run blocks `first..last` on `hidden`, appending each one's keys and values to its layer's cache:
+        one block (`first == last`) or one of `spans`."""
 
     def kv_fill(self, layer: int, hidden: Any, position_ids: np.ndarray, cache: KVCache) -> None:
         """Append to layer `layer` the keys and values its `kv_fill` graph gives for `hidden`

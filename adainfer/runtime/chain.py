@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import BundleError
 from .backend import Backend, KVCache, LayerRun
+from .segments import boundaries, cover
 
 Observer = Callable[[int, object], None]
 
@@ -21,26 +22,33 @@ def run_layers(backend: Backend, input_ids: np.ndarray, cache: KVCache, step_mas
                observe: Optional[Observer] = None) -> LayerRun:
     """Embed `input_ids` (batch, seq) and run the blocks in order, appending to `cache`; with a
     `decider` stop after the first evaluated block where it says so. `observe(layer, hidden)` sees
-    the embedding (layer 0) and every block's output (calibration traces)."""
+    the embedding (layer 0) and every block's output (calibration traces).
+
+    The blocks run as segments (`segments.cover`): spans of blocks the backend can run as one graph
+    (`backend.spans`) between the layers where the decider looks, single blocks elsewhere; with
+    `observe`, single blocks only."""
     position_ids = cache.advance(step_mask)
     hidden = backend.embed(input_ids, position_ids, cache)
     if observe is not None:
         observe(0, hidden)
-    previous = hidden
+    L = backend.num_layers
+    spans = () if observe is not None else getattr(backend, "spans", ())
     decisions = 0
-    for layer in range(1, backend.num_layers + 1):
-        hidden = backend.block(layer - 1, hidden, position_ids, cache)
+    for first, last in cover(L, boundaries(L, decider), spans):
+        before = hidden
+        hidden = backend.segment(first, last, hidden, position_ids, cache)
+        layer = last + 1
         if observe is not None:
             observe(layer, hidden)
         if decider is not None and decider.evaluates(layer):
             decisions += 1
-            decision = backend.decide(decider, layer, hidden, previous)
+            # `before`: the previous layer's output where the decider reads it (then `layer - 1` is a boundary)
+            decision = backend.decide(decider, layer, hidden, before)
             if decision.stop:
-                if layer < backend.num_layers:
+                if layer < L:
                     cache.complete_layers = layer
                 return LayerRun(hidden, position_ids, layer, decisions, decision.token)
-        previous = hidden
-    return LayerRun(hidden, position_ids, backend.num_layers, decisions, None)
+    return LayerRun(hidden, position_ids, L, decisions, None)
 
 
 def fill_skipped(backend: Backend, cache: KVCache, run: LayerRun) -> None:

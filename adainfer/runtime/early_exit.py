@@ -56,6 +56,12 @@ class ExitDecider:
     def evaluates(self, layer: int) -> bool:
         return self.policy.evaluates(layer, self.num_layers)
 
+    @property
+    def needs_previous(self) -> bool:
+        """Whether a decision reads the previous layer's hidden state too (cos_prev, norm_ratio):
+        then a pass must surface after that layer as well (`segments.boundaries`)."""
+        return self.policy.reads_previous_hidden()
+
     def _head(self, hidden_last: np.ndarray, columns: dict) -> dict:
         hidden_last = np.ascontiguousarray(hidden_last, dtype=np.float32)
         if self.head_graph is not None:

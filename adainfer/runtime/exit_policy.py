@@ -79,6 +79,10 @@ class ExitPolicy:
     def evaluated_layers(self, num_layers: int) -> list[int]:
         return [l for l in range(1, num_layers + 1) if self.evaluates(l, num_layers)]
 
+    def reads_previous_hidden(self) -> bool:
+        """Whether a decision after layer l also reads layer l - 1's hidden state (cos_prev, norm_ratio)."""
+        return self.decision not in ("probe", "forced", "never") and any(f in ("cos_prev", "norm_ratio") for f in self.features)
+
     def uses_head(self) -> bool:
         return self.head in ("full", "lowrank", "label") and any(f in HEAD_FEATURES for f in self.features)
 

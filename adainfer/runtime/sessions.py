@@ -56,15 +56,19 @@ def global_thread_pool() -> Optional[int]:
     return _global_pool
 
 
-def session_options(threads: Optional[int] = None) -> ort.SessionOptions:
+def session_options(threads: Optional[int] = None, spinning: bool = False) -> ort.SessionOptions:
+    """`spinning`: let idle intra-op threads spin-wait (ONNX Runtime's default) instead of sleeping."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     # A bundle holds one session per graph, each with its own intra-op thread pool. With ONNX
     # Runtime's default spin-waiting, the idle pools of the other graphs keep spinning while one
-    # graph runs; on a few cores that made a decode step 8x slower (`adainfer bench`). Sleep instead.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # graph runs; on a few cores that made a decode step 8x slower (`adainfer bench`). Sleep instead,
+    # unless asked (`load(..., spinning=True)`): with spans a full-depth step runs 3 sessions, and on
+    # an idle machine spinning can pay; on a loaded one it costs (see the README's spans section).
+    spin = "1" if spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     if _global_pool is not None:  # threads come from the process-wide pool
         options.use_per_session_threads = False
     elif threads:
@@ -82,7 +86,7 @@ def light_options() -> ort.SessionOptions:
 
 
 def make_session(path: Path, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
-                 light: bool = False, require: Optional[str] = None) -> ort.InferenceSession:
+                 light: bool = False, require: Optional[str] = None, spinning: bool = False) -> ort.InferenceSession:
     """A session for one graph; `light`: only to read its interface (see `light_options`);
     `require`: the execution provider that must actually run it (`check_providers`)."""
     available = set(ort.get_available_providers())
@@ -93,7 +97,7 @@ def make_session(path: Path, providers: Sequence = DEFAULT_PROVIDERS, threads: O
     global _sessions_made
     _sessions_made = True
     try:
-        options = light_options() if light else session_options(threads)
+        options = light_options() if light else session_options(threads, spinning)
         session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
         raise BundleError(f"cannot load {path.name}: {str(exc).splitlines()[0]}") from None

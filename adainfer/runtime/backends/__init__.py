@@ -33,8 +33,12 @@ def backend_name(name: str) -> str:
 
 
 def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
-         check_digests: bool = True, backend: str = "cpu", **options):
+         check_digests: bool = True, backend: str = "cpu", spans: bool = True, spinning: bool = False,
+         **options):
     """Load a bundle for inference; `backend` picks the runtime (see the module docstring).
+    `spans`: run the bundle's span graphs (several blocks in one graph) where the chain can; False
+    runs every block on its own (the ONNX Runtime backends; tensorrt always does). `spinning`: ONNX
+    Runtime's spin-waiting intra-op threads (cpu backend; off by default: it costs on a loaded machine).
     Options: `max_batch` (ort-trt, tensorrt), `device_id` (ort-cuda, ort-trt)."""
     name = backend_name(backend)
     check_bundle_path(bundle_dir)
@@ -45,7 +49,8 @@ def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[
         from .cpu import CpuBackend
 
         bundle = open_bundle(bundle_dir, check_digests=check_digests)
-        return Model(bundle, CpuBackend(bundle, providers=providers, threads=threads))
+        return Model(bundle, CpuBackend(bundle, providers=providers, threads=threads, spans=spans,
+                                        spinning=spinning))
     if name == "tensorrt":
         from .tensorrt import TensorRTBackend, require_tensorrt
 
@@ -55,4 +60,4 @@ def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[
     from .ort_iobinding import IoBindingBackend
 
     bundle = open_bundle(bundle_dir, check_digests=check_digests)
-    return Model(bundle, IoBindingBackend(bundle, name, threads=threads, **options))
+    return Model(bundle, IoBindingBackend(bundle, name, threads=threads, spans=spans, **options))

@@ -56,19 +56,34 @@ class HostKVCache(KVState):
         pass
 
 
+def used_spans(manifest, enabled: bool = True) -> tuple:
+    """The (first, last) spans a backend runs (`segments.cover` picks among them): the bundle's, unless disabled."""
+    return tuple(sorted(manifest.spans)) if enabled else ()
+
+
 class Sessions(Mapping):
     """One ONNX Runtime session per graph, by graph name; the graphs only early exit needs (the exit
     head, the kv_fill graphs) get theirs on first use, so a full-depth generation never holds them
-    (the exit head is a whole LM head: 113 MB of weights, prepacked, on SmolLM2). Every graph's
-    interface is checked against the manifest at load all the same, by a session that skips graph
-    optimization and weight prepacking (weights in external data are mapped, not read)."""
+    (the exit head is a whole LM head: 113 MB of weights, prepacked, on SmolLM2). With spans, the
+    blocks a span covers and the spans other than the full-depth one are made on first use too: a
+    full-depth pass runs the full-depth span only, so the blocks' weights are never held twice.
+    Every graph's interface is checked against the manifest at load all the same, by a session that
+    skips graph optimization and weight prepacking (weights in external data are mapped, not read)."""
 
     LAZY = ("exit_head", "kv_fill_")
 
-    def __init__(self, bundle: Bundle, providers, threads: Optional[int], require: Optional[str] = None):
+    def __init__(self, bundle: Bundle, providers, threads: Optional[int], require: Optional[str] = None,
+                 spans: tuple = (), spinning: bool = False):
         """`providers`: a list for every graph, or a function of the graph's name; `require`: the
-        execution provider every session must really run on (`sessions.check_providers`)."""
+        execution provider every session must really run on (`sessions.check_providers`); `spans`:
+        the spans the backend runs (others are never loaded, their blocks are loaded on first use)."""
         self.bundle, self.providers, self.threads, self.require = bundle, providers, threads, require
+        self.spinning = spinning
+        m = bundle.manifest
+        covered = {m.block_name(i) for first, last in spans for i in range(first, last + 1)}
+        full = m.spans.get((0, m.num_layers - 1)) if (0, m.num_layers - 1) in spans else None
+        lazy_names = covered | {name for name in m.spans.values() if name != full}
+        unused = {m.spans[r] for r in m.spans if r not in spans}  # never run here: interface read on the CPU
         self._sessions: dict = {}
         self._lock = threading.Lock()
         names = list(bundle.manifest.graphs)
@@ -77,8 +92,12 @@ class Sessions(Mapping):
         # the heads and the embedding first: loading a graph holds its raw weights and their prepacked
         # copy for a moment, so the vocabulary-sized ones go while little else is resident (peak RSS)
         for name in sorted(names, key=lambda n: n not in ("final_head", "exit_head", "embed")):
-            lazy = name.startswith(self.LAZY)
-            session = make_session(bundle.graph_path(name), self._providers(name), threads, light=lazy, require=require)
+            lazy = name.startswith(self.LAZY) or name in lazy_names
+            if name in unused:
+                session = make_session(bundle.graph_path(name), light=True)
+            else:
+                session = make_session(bundle.graph_path(name), self._providers(name), threads, light=lazy,
+                                       require=require, spinning=spinning)
             bundle.check_session(name, session)  # the graphs' real interfaces match the manifest
             self.inputs[name] = [i.name for i in session.get_inputs()]
             self.outputs[name] = [o.name for o in session.get_outputs()]
@@ -95,7 +114,8 @@ class Sessions(Mapping):
                 session = self._sessions.get(name)
                 if session is None:
                     session = self._sessions[name] = make_session(self.bundle.graph_path(name), self._providers(name),
-                                                                  self.threads, require=self.require)
+                                                                  self.threads, require=self.require,
+                                                                  spinning=self.spinning)
         return session
 
     def _providers(self, name: str):
@@ -121,10 +141,14 @@ class Sessions(Mapping):
 class CpuBackend(HostDecisions):
     name = "cpu"
 
-    def __init__(self, bundle: Bundle, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None):
+    def __init__(self, bundle: Bundle, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
+                 spans: bool = True, spinning: bool = False):
+        """`spans`: run the bundle's span graphs where the chain can (False: every block on its own);
+        `spinning`: ONNX Runtime's spin-waiting threads (`sessions.session_options`)."""
         self.bundle, self.manifest = bundle, bundle.manifest
         self.num_layers = self.manifest.num_layers
-        self.sessions = Sessions(bundle, providers, threads)
+        self.spans = used_spans(self.manifest, spans)
+        self.sessions = Sessions(bundle, providers, threads, spans=self.spans, spinning=spinning)
         self.calls: dict[str, int] = {name: 0 for name in self.manifest.graphs}
         self.kv_dtype = kv_dtype(self.manifest)
 
@@ -150,6 +174,18 @@ class CpuBackend(HostDecisions):
             self.manifest.block_name(layer), hidden_states=hidden, position_ids=position_ids,
             attention_mask=cache.attention_mask, past_key=cache.keys[layer], past_value=cache.values[layer])
         return hidden
+
+    def segment(self, first, last, hidden, position_ids, cache: HostKVCache):
+        if first == last:
+            return self.block(first, hidden, position_ids, cache)
+        graph = self.manifest.spans[(first, last)]
+        feeds = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": cache.attention_mask}
+        for layer in range(first, last + 1):
+            feeds[f"past_key_{layer:02d}"], feeds[f"past_value_{layer:02d}"] = cache.keys[layer], cache.values[layer]
+        out = dict(zip(self.sessions.outputs[graph], self._run(graph, **feeds)))
+        for layer in range(first, last + 1):
+            cache.keys[layer], cache.values[layer] = out[f"present_key_{layer:02d}"], out[f"present_value_{layer:02d}"]
+        return out["hidden_states_out"]
 
     def kv_fill_outputs(self, layer: int, hidden, position_ids) -> tuple[np.ndarray, np.ndarray]:
         key, value = self._run(f"kv_fill_{layer:02d}", hidden_states=hidden, position_ids=position_ids)

@@ -34,7 +34,7 @@ from ..device_memory import DeviceTensor, HostMemory
 from ..gpu_errors import GpuUnavailableError
 from ..kv_buffers import BufferKVCache
 from ..profiles import BuildOptions, graph_profiles, shape_text, union_profile
-from .cpu import Sessions
+from .cpu import Sessions, used_spans
 
 NAMES = ("cpu-iobinding", "ort-cuda", "ort-trt")
 PROVIDER = {"cpu-iobinding": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
@@ -72,7 +72,7 @@ def providers_for(bundle: Bundle, graph: str, backend: str, device_id: int = 0, 
 
 class IoBindingBackend(HostDecisions):
     def __init__(self, bundle: Bundle, name: str = "cpu-iobinding", device_id: int = 0, threads: Optional[int] = None,
-                 max_batch: int = 1, memory=None):
+                 max_batch: int = 1, memory=None, spans: bool = True):
         import onnxruntime as ort
 
         if name not in NAMES:
@@ -95,8 +95,9 @@ class IoBindingBackend(HostDecisions):
             memory = HostMemory() if name == "cpu-iobinding" else CudaMemory(device_id, synchronous=True)
         self.memory = memory
         self.device = memory.device
+        self.spans = used_spans(m, spans and name != "ort-trt")  # TensorRT's provider: one profile set per block graph
         self.sessions = Sessions(bundle, lambda graph: providers_for(bundle, graph, name, device_id, max_batch), threads,
-                                 require=PROVIDER[name])
+                                 require=PROVIDER[name], spans=self.spans)
         self.calls: dict[str, int] = {g: 0 for g in m.graphs}
         self.kv_dtype = kv_dtype(m)
         self.hidden_dtype = graph_dtype(m, "embed", "hidden_states")
@@ -154,26 +155,36 @@ class IoBindingBackend(HostDecisions):
         return self._tensor(self._run("embed", b, ["hidden_states"])["hidden_states"])
 
     def block(self, layer, hidden: DeviceTensor, position_ids, cache: BufferKVCache):
-        name = self.manifest.block_name(layer)
+        return self.segment(layer, layer, hidden, position_ids, cache)
+
+    def segment(self, first, last, hidden: DeviceTensor, position_ids, cache: BufferKVCache):
+        """Blocks `first..last` as one graph (a span, or one block): every layer's past and present bound by address."""
+        name = self.manifest.block_name(first) if first == last else self.manifest.spans[(first, last)]
         total = cache.length
-        present_k, present_v = cache.present(layer, total)  # first: it may grow the buffers
-        past_k, past_v, past = cache.past(layer)
-        if past != total - position_ids.shape[1]:
-            raise InputError(f"layer {layer + 1}'s cache holds {past} positions, this step needs {total - position_ids.shape[1]} "
-                             f"(an early exit's skipped layers were not filled)")
+        layers = range(first, last + 1)
+        presents = [cache.present(layer, total) for layer in layers]  # first: they may grow the buffers
         positions, mask = self._step_values(cache, position_ids)
         dtype = self.kv_dtype.type
         b = self.sessions[name].io_binding()
         self._bind(b, "hidden_states", hidden)
         b.bind_ortvalue_input("position_ids", positions)
         b.bind_ortvalue_input("attention_mask", mask)
-        b.bind_input("past_key", self.device, self.device_id, dtype, list(cache.shape(past)), past_k)
-        b.bind_input("past_value", self.device, self.device_id, dtype, list(cache.shape(past)), past_v)
-        b.bind_output("present_key", self.device, self.device_id, dtype, list(cache.shape(total)), present_k)
-        b.bind_output("present_value", self.device, self.device_id, dtype, list(cache.shape(total)), present_v)
+        bound = []
+        for layer, (present_k, present_v) in zip(layers, presents):
+            past_k, past_v, past = cache.past(layer)
+            if past != total - position_ids.shape[1]:
+                raise InputError(f"layer {layer + 1}'s cache holds {past} positions, this step needs "
+                                 f"{total - position_ids.shape[1]} (an early exit's skipped layers were not filled)")
+            suffix = "" if first == last else f"_{layer:02d}"
+            b.bind_input(f"past_key{suffix}", self.device, self.device_id, dtype, list(cache.shape(past)), past_k)
+            b.bind_input(f"past_value{suffix}", self.device, self.device_id, dtype, list(cache.shape(past)), past_v)
+            b.bind_output(f"present_key{suffix}", self.device, self.device_id, dtype, list(cache.shape(total)), present_k)
+            b.bind_output(f"present_value{suffix}", self.device, self.device_id, dtype, list(cache.shape(total)), present_v)
+            bound += [f"present_key{suffix}", f"present_value{suffix}"]
         b.bind_output("hidden_states_out", self.device, self.device_id)
-        out = self._run(name, b, ["present_key", "present_value", "hidden_states_out"])
-        cache.commit(layer, total)
+        out = self._run(name, b, bound + ["hidden_states_out"])
+        for layer in layers:
+            cache.commit(layer, total)
         return self._tensor(out["hidden_states_out"])
 
     def kv_fill(self, layer, hidden: DeviceTensor, position_ids, cache: BufferKVCache) -> None:

@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-from ...errors import InputError
+from ...errors import BundleError, InputError
 from .. import cuda_rt
 from ..backend import kv_dtype
 from ..bundle import Bundle
@@ -97,7 +97,8 @@ def load_engines(trt, bundle: Bundle, stream) -> tuple[dict, dict]:
     directory, record = find_engines(bundle.root, cuda_rt.device_info())
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engines = {}
-    for graph in [*bundle.manifest.graphs, *([DECIDER] if DECIDER in record["graphs"] else [])]:
+    blocks_only = [g for g in bundle.manifest.graphs if g not in bundle.manifest.spans.values()]  # no span engines
+    for graph in [*blocks_only, *([DECIDER] if DECIDER in record["graphs"] else [])]:
         if graph not in record["graphs"]:
             raise EngineError(f"the engine record has no {graph}; rebuild with `adainfer build-engines {bundle.root}`")
         path = directory / record["graphs"][graph]["file"]
@@ -212,6 +213,13 @@ class TensorRTBackend:
                     "present_key": present_k, "present_value": present_v})
         cache.commit(layer, total)
         return self._hidden_tensor(out, batch, seq)
+
+    spans = ()  # TensorRT engines are built per block: single-block segments only
+
+    def segment(self, first, last, hidden: DeviceTensor, position_ids, cache: BufferKVCache):
+        if first != last:
+            raise BundleError(f"the tensorrt backend runs single blocks, not the span {first}..{last}")
+        return self.block(first, hidden, position_ids, cache)
 
     def kv_fill(self, layer, hidden: DeviceTensor, position_ids, cache: BufferKVCache) -> None:
         batch, seq, _, profile = self._step

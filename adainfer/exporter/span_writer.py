@@ -1,0 +1,145 @@
+"""Span graphs in a bundle: written, checked against the chained blocks, listed in the manifest.
+
+Every export writes the full-depth span `span_00_LL` (all blocks as one graph: a full-depth
+decode step is then embed -> span -> head, 3 session calls instead of L + 2), and calibration
+adds the spans between the layers its policy evaluates (`segments.span_ranges`). The span files
+reference the blocks' weights: the first span's weights are moved into the bundle's shared weight
+file with the blocks' (`shared_weights.share_weights`), so spans add no weight bytes on disk, and
+spans added later point into that file too. A span is checked against its blocks run one after
+another on random inputs (hidden state and every layer's keys and values within `TOLERANCE`). Where
+spans cannot be made (block graphs holding subgraphs) the bundle has none: the runtime runs blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx
+
+from ..errors import ExportError
+from ..manifest import GraphSpec, Manifest, file_spec
+from ..runtime.segments import Segment
+from ..runtime.sessions import make_session
+from .shared_weights import share_weights
+from .spans import merge_blocks, span_name
+
+#: largest difference allowed between a span's outputs and its chained blocks' (they run the same kernels)
+TOLERANCE = 1e-5
+
+
+def without_spans(manifest: Manifest) -> Manifest:
+    """A copy of `manifest` listing no span graphs (the span files themselves are not touched)."""
+    names = set(manifest.spans.values())
+    return dataclasses.replace(manifest, graphs={k: v for k, v in manifest.graphs.items() if k not in names})
+
+
+def mergeable(bundle_dir: Path, manifest: Manifest) -> bool:
+    """Whether the block graphs are flat (no node holds a subgraph): only those merge into spans."""
+    for name in manifest.block_names:
+        model = onnx.load(str(Path(bundle_dir) / manifest.graphs[name].file), load_external_data=False)
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
+            return False
+    return True
+
+
+def add_full_span(bundle_dir: Path, manifest: Manifest, threshold: int, check: bool = True) -> Manifest:
+    """Write the full-depth span into the bundle being exported in `bundle_dir`, move the blocks' weights into
+    the shared weight file, list it in the manifest (saved); a bundle whose blocks cannot be merged keeps none."""
+    L = manifest.num_layers
+    if L < 2 or not mergeable(bundle_dir, manifest):
+        return manifest
+    return add_spans(bundle_dir, manifest, [(0, L - 1)], threshold, check=check, reshare=True)
+
+
+def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], threshold: int = 1 << 30, *,
+              check: bool = True, reshare: bool = False, out_dir: Optional[Path] = None) -> Manifest:
+    """Write a span graph for every (first, last) of `ranges` the bundle lacks; returns the manifest listing them
+    (saved into `out_dir`, default `bundle_dir`). `reshare`: move the weights the spans share with the blocks
+    into the shared weight file, rewriting the block graphs (only while exporting: it changes their digests);
+    otherwise the spans point into the files the blocks read and keep the blocks' small inline tensors."""
+    bundle_dir = Path(bundle_dir)
+    out_dir = Path(out_dir) if out_dir is not None else bundle_dir
+    ranges = [r for r in dict.fromkeys(ranges) if r not in manifest.spans and r[1] > r[0]]
+    if not ranges:
+        return manifest
+    precision = manifest.graphs[manifest.block_name(0)].precision
+    if out_dir != bundle_dir:  # a staged update: the data files the spans will read, linked beside them
+        for data in [f.file for f in manifest.files.values()] + [d.file for g in manifest.graphs.values() for d in g.data_files]:
+            if not (out_dir / data).exists() and (bundle_dir / data).is_file():
+                os.link(bundle_dir / data, out_dir / data)
+    # new spans listed first: sharing reads the graphs in this order, and a span reads the blocks' own data files,
+    # which rewriting a block removes (so a second `share_weights` in manifest order changes nothing)
+    graphs: dict = {span_name(first, last): None for first, last in ranges}
+    graphs.update(manifest.graphs)
+    for first, last in ranges:
+        name = span_name(first, last)
+        files = [manifest.graphs[manifest.block_name(i)].file for i in range(first, last + 1)]
+        merge_blocks(bundle_dir, files, first, f"{name}.onnx", out_dir=out_dir)
+    files = dict(manifest.files)
+    if reshare:
+        if out_dir != bundle_dir:
+            raise ExportError("spans can move the blocks' weights only inside the bundle being exported")
+        shared = share_weights(bundle_dir, [spec.file if spec else f"{k}.onnx" for k, spec in graphs.items()], threshold)
+        if shared:
+            files["shared_weights"] = file_spec(bundle_dir, shared)
+        graphs = {k: dataclasses.replace(graph_spec(bundle_dir, f"{k}.onnx" if spec is None else spec.file),
+                                         precision=spec.precision if spec else precision)
+                  for k, spec in graphs.items()}
+    else:
+        graphs = {k: spec if spec is not None else dataclasses.replace(graph_spec(out_dir, f"{k}.onnx"), precision=precision)
+                  for k, spec in graphs.items()}
+    manifest = dataclasses.replace(manifest, graphs=graphs, files=files)
+    manifest.save(out_dir)
+    if check:
+        for first, last in ranges:
+            check_span(bundle_dir, out_dir, manifest, first, last)
+    return manifest
+
+
+def graph_spec(root: Path, file: str) -> GraphSpec:
+    from .writer import _graph_spec
+
+    return _graph_spec(Path(root) / file)
+
+
+def check_span(bundle_dir: Path, out_dir: Path, manifest: Manifest, first: int, last: int) -> float:
+    """Run span `first..last` and its blocks one after another on random inputs (a 3-token prefill on a
+    2-token cache); refuse the export where any output differs by more than `TOLERANCE`. Returns the difference."""
+    rng = np.random.default_rng(first * 1000 + last)
+    m = manifest
+    kv = np.dtype(next(t.dtype for t in m.graphs[m.block_name(0)].inputs if t.name == "past_key"))
+    hidden = rng.standard_normal((1, 3, m.hidden_size)).astype(np.float32)
+    feeds = {"hidden_states": hidden, "position_ids": np.arange(2, 5, dtype=np.int64)[None],
+             "attention_mask": np.ones((1, 5), dtype=np.int64)}
+    past = {i: [_kv(rng, (1, m.num_kv_heads, 2, m.head_dim), kv) for _ in range(2)] for i in range(first, last + 1)}
+    chained = {}
+    h = hidden
+    for i in range(first, last + 1):
+        session = make_session(bundle_dir / m.graphs[m.block_name(i)].file, threads=1)
+        names = [o.name for o in session.get_outputs()]
+        block_feeds = {**feeds, "hidden_states": h, "past_key": past[i][0], "past_value": past[i][1]}
+        out = dict(zip(names, session.run(names, {n.name: block_feeds[n.name] for n in session.get_inputs()})))
+        h = out["hidden_states_out"]
+        chained[f"present_key_{i:02d}"], chained[f"present_value_{i:02d}"] = out["present_key"], out["present_value"]
+    chained["hidden_states_out"] = h
+    name = span_name(first, last)
+    session = make_session(out_dir / m.graphs[name].file, threads=1)
+    span_feeds = dict(feeds)
+    for i in range(first, last + 1):
+        span_feeds[f"past_key_{i:02d}"], span_feeds[f"past_value_{i:02d}"] = past[i]
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(names, {n.name: span_feeds[n.name] for n in session.get_inputs()})))
+    worst = max(float(np.max(np.abs(got[k].astype(np.float64) - v.astype(np.float64)))) for k, v in chained.items())
+    if not worst <= TOLERANCE:
+        raise ExportError(f"{name} differs from its blocks run one after another by {worst:.3g} (allowed {TOLERANCE})")
+    return worst
+
+
+def _kv(rng, shape, dtype: np.dtype) -> np.ndarray:
+    if dtype == np.int8:
+        return rng.integers(-127, 128, shape).astype(np.int8)
+    return rng.standard_normal(shape).astype(dtype)
