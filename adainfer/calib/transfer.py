@@ -95,7 +95,8 @@ def reuse_policy(src_bundle: Path, dst_bundle: Path) -> ExitPolicy:
             copied[key] = policy.head_file
             dst_head = dst_bundle / dst.graphs["exit_head"].file
             if (policy.decision == "folded" and policy.head == "full"
-                    and src.graphs["exit_head"].sha256 != dst.graphs["exit_head"].sha256):
+                    and _weights_digest(src_bundle / src.graphs["exit_head"].file)
+                    != _weights_digest(dst_head)):
                 from .head_graphs import fold_linear
 
                 w_head, w_extra, bias = _folded_weights(src_bundle / policy.head_file)
@@ -115,6 +116,25 @@ def reuse_policy(src_bundle: Path, dst_bundle: Path) -> ExitPolicy:
         dst = dataclasses.replace(dst, extras={**dst.extras, "exit_decision": policy.decision})
         dst.save(update.dir)
     return policy
+
+
+def _weights_digest(graph_path: Path) -> str:
+    """sha256 over a graph's nodes and initializer values, wherever its external data lives: two
+    exports whose heads hold the same weights at different offsets of their shared weight file
+    (the blocks around them were converted) have different graph files but the same head."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph_path))  # external data resolved against the graph's directory
+    digest = hashlib.sha256()
+    for node in model.graph.node:
+        digest.update(node.SerializeToString())
+    for tensor in sorted(model.graph.initializer, key=lambda t: t.name):
+        digest.update(tensor.name.encode())
+        digest.update(np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes())
+    return digest.hexdigest()
 
 
 def _precision(manifest: Manifest) -> str:
