@@ -342,7 +342,8 @@ class Manifest:
                              ["hidden_states_out"] + [f"present_{kv}_{i}" for i in layers for kv in ("key", "value")])
             fixed.update({f"{kind}_{kv}_{i}": kv_shape for i in layers for kind in ("past", "present")
                           for kv in ("key", "value")})
-        for key, graph in self.graphs.items():
+        spans = set(self.spans.values())  # checked last: a geometry error names the block graph the span merges
+        for key, graph in sorted(self.graphs.items(), key=lambda item: item[0] in spans):
             needed = block_io if key in self.block_names else required.get(key, ([], []))
             for kind, names, specs in (("inputs", needed[0], graph.inputs), ("outputs", needed[1], graph.outputs)):
                 present = {t.name for t in specs}

@@ -251,16 +251,18 @@ def quantize_kv(tmp: Path, manifest: Manifest, scaling: str = "per-channel", mar
 
 
 def convert_kv_bundle(src: Path, out_dir: Path, *, scaling: str = "per-channel", margin: float = DEFAULT_MARGIN,
-                      model=None, force: bool = False, verify: bool = True) -> Manifest:
+                      model=None, force: bool = False, verify: bool = True,
+                      external_data_threshold: int = 1 << 30) -> Manifest:
     """Write `out_dir`: the float32-cache bundle `src` with an int8 KV cache, without exporting from PyTorch again
     (its graphs and model files are copied; attachments such as a calibrated exit are not: they belong to `src`).
     `model` (the float32 transformers model) enables the quality check on held-out text."""
     import shutil
 
     from . import staging
+    from .span_writer import add_full_span, without_spans
 
     check_kv("int8", scaling, margin)
-    manifest = Manifest.load(src)
+    manifest = without_spans(Manifest.load(src))  # the span is merged again from the int8-cache blocks
     if manifest.kv_cache is not None:
         raise ExportError(f"{src} already has a {manifest.kv_cache.dtype} KV cache")
     staging.check_target(Path(out_dir), force)
@@ -273,4 +275,5 @@ def convert_kv_bundle(src: Path, out_dir: Path, *, scaling: str = "per-channel",
         manifest = dataclasses.replace(manifest, attachments={})
         manifest.save(tmp)
         manifest = quantize_kv(tmp, manifest, scaling, margin, model=model, verify=verify)
+        manifest = add_full_span(tmp, manifest, external_data_threshold, check=verify)
     return manifest
