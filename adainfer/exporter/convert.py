@@ -10,7 +10,6 @@ chain must keep top-1 agreement and perplexity on held-out text within `quality.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -95,14 +94,7 @@ def convert_bundle(model, src: Path, out_dir: Path, precision: str, *, quantize_
         raise ExportError(f"{src} is not a float32 bundle")
     staging.check_target(Path(out_dir), force)
     with staging.staged_directory(Path(out_dir), force=force) as tmp:
-        # the graphs and model files; not the attachments (model.onnx, a calibrated exit): they belong to float32
-        names = [f.file for f in manifest.files.values()]
-        for graph in manifest.graphs.values():
-            names += [graph.file] + [d.file for d in graph.data_files]
-        for name in names:
-            shutil.copyfile(Path(src) / name, tmp / name)
-        manifest = dataclasses.replace(manifest, attachments={})
-        manifest.save(tmp)
+        manifest = staging.copy_export(src, manifest, tmp)
         manifest = quantize_graphs(model.eval().float(), tmp, manifest, precision, heads, verify,
                                    external_data_threshold, block_size, grid, head_bits)
         manifest = add_full_span(tmp, manifest, external_data_threshold, check=verify)

@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph_files import replace_body
+
 GGUF_BLOCK = 32
 #: largest distance from the grid, in grid steps, still counted as on it (float32 rounding of d and m)
 GRID_TOLERANCE = 1e-3
@@ -160,12 +162,7 @@ def encode_exact(model: onnx.ModelProto, nodes: list[onnx.NodeProto], block_size
                       helper.make_node("Add", [f"{out}_q4", f"{out}_offset"], [out], name=f"{node.name}_add_offset")]
     if not replaced:
         return model
-    used = {i for n in new_nodes for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name not in replaced or t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + new_inits)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
+    replace_body(model, new_nodes, new_inits, replaced)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model

@@ -1,4 +1,4 @@
-"""Writing one ONNX graph of a bundle: inline weights, or ONNX external data past a size.
+"""Writing and rewriting one ONNX graph of a bundle: inline weights, or ONNX external data past a size.
 
 Protobuf cannot hold more than 2 GiB, so graphs whose weights exceed the threshold keep them
 in `<file>.data` beside the graph (onnx/onnx#4394). Every writer of bundle graphs goes here.
@@ -20,3 +20,15 @@ def save_graph(model: onnx.ModelProto, path: Path, weight_bytes: int, threshold:
     else:
         onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
+
+
+def replace_body(model: onnx.ModelProto, nodes: list, new_initializers: list, replaced: set) -> onnx.ModelProto:
+    """Give `model` the node list `nodes` and add `new_initializers`; the initializers named in `replaced`
+    go unless a node still reads them (a rewrite that swaps weights for new ones keeps no dead copy)."""
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name not in replaced or t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + new_initializers)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model

@@ -256,8 +256,6 @@ def convert_kv_bundle(src: Path, out_dir: Path, *, scaling: str = "per-channel",
     """Write `out_dir`: the float32-cache bundle `src` with an int8 KV cache, without exporting from PyTorch again
     (its graphs and model files are copied; attachments such as a calibrated exit are not: they belong to `src`).
     `model` (the float32 transformers model) enables the quality check on held-out text."""
-    import shutil
-
     from . import staging
     from .span_writer import add_full_span, without_spans
 
@@ -267,13 +265,7 @@ def convert_kv_bundle(src: Path, out_dir: Path, *, scaling: str = "per-channel",
         raise ExportError(f"{src} already has a {manifest.kv_cache.dtype} KV cache")
     staging.check_target(Path(out_dir), force)
     with staging.staged_directory(Path(out_dir), force=force) as tmp:
-        names = [f.file for f in manifest.files.values()]
-        for graph in manifest.graphs.values():
-            names += [graph.file] + [d.file for d in graph.data_files]
-        for name in dict.fromkeys(names):
-            shutil.copyfile(Path(src) / name, tmp / name)
-        manifest = dataclasses.replace(manifest, attachments={})
-        manifest.save(tmp)
+        manifest = staging.copy_export(src, manifest, tmp)
         manifest = quantize_kv(tmp, manifest, scaling, margin, model=model, verify=verify)
         manifest = add_full_span(tmp, manifest, external_data_threshold, check=verify)
     return manifest

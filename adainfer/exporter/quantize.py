@@ -56,7 +56,7 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError
-from .graph_files import save_graph
+from .graph_files import replace_body, save_graph
 
 PRECISIONS = ("fp32", "fp16", "int8-weight", "int8-dynamic", "int4")
 #: bits of the weight-only MatMulNBits precisions
@@ -270,13 +270,7 @@ def fuse_projections(model: onnx.ModelProto, same_kind=None) -> onnx.ModelProto:
                                            axis=-1, name=f"{name}_split")]
         elif node.name not in dropped:
             new_nodes.append(node)
-    used = {i for n in new_nodes for i in n.input}
-    kept = [t for t in model.graph.initializer if t.name not in replaced or t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + new_inits)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    return model
+    return replace_body(model, new_nodes, new_inits, replaced)
 
 
 def _to_int8_dynamic(src: Path, dst: Path, model: onnx.ModelProto) -> None:

@@ -9,13 +9,15 @@ and never the model directory being exported or one that contains it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import shutil
 from pathlib import Path
 from typing import Optional
 
 from .. import atomic
 from ..atomic import PARTIAL, checkpoint, remove_stale  # noqa: F401  (re-exported)
 from ..errors import ExportError
-from ..manifest import MANIFEST_NAME
+from ..manifest import MANIFEST_NAME, Manifest
 
 
 def check_target(target: Path, force: bool) -> None:
@@ -41,3 +43,17 @@ def staged_directory(target: Path, force: bool = False):
     check_target(target, force)
     with atomic.staged_directory(target, force=force, error=ExportError) as tmp:
         yield tmp
+
+
+def copy_export(src: Path, manifest: Manifest, tmp: Path) -> Manifest:
+    """Copy into the staged `tmp` the graphs (with their data files) and model files `manifest` lists, for a
+    conversion of the bundle `src`; not its attachments (model.onnx, a calibrated exit): they describe `src`.
+    Returns the manifest without attachments, saved in `tmp`."""
+    names = [f.file for f in manifest.files.values()]
+    for graph in manifest.graphs.values():
+        names += [graph.file] + [d.file for d in graph.data_files]
+    for name in dict.fromkeys(names):
+        shutil.copyfile(Path(src) / name, Path(tmp) / name)
+    manifest = dataclasses.replace(manifest, attachments={})
+    manifest.save(tmp)
+    return manifest
