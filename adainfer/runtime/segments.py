@@ -20,15 +20,18 @@ def boundaries(num_layers: int, decider=None) -> frozenset[int]:
     if decider is None:
         return frozenset()
     evaluated = [layer for layer in range(1, num_layers) if decider.evaluates(layer)]
-    previous = getattr(decider, "needs_previous", True)
-    return frozenset(evaluated) | (frozenset(l - 1 for l in evaluated if l > 1) if previous else frozenset())
+    return _stops(evaluated, getattr(decider, "needs_previous", True))
 
 
 def policy_stops(policy, num_layers: int) -> frozenset[int]:
     """`boundaries` of an `ExitPolicy` (what calibration writes spans for)."""
-    evaluated = policy.evaluated_layers(num_layers)
-    previous = policy.reads_previous_hidden()
-    return frozenset(evaluated) | (frozenset(l - 1 for l in evaluated if l > 1) if previous else frozenset())
+    return _stops(policy.evaluated_layers(num_layers), policy.reads_previous_hidden())
+
+
+def _stops(evaluated: Iterable[int], previous: bool) -> frozenset[int]:
+    """The evaluated layers, and the layer before each when the decision reads the previous hidden state."""
+    evaluated = frozenset(evaluated)
+    return evaluated | (frozenset(l - 1 for l in evaluated if l > 1) if previous else frozenset())
 
 
 def cover(num_layers: int, stops: Iterable[int], spans: Iterable[Segment]) -> list[Segment]:
