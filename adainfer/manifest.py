@@ -41,6 +41,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BLOCK = re.compile(r"block_(\d+)")
 #: a span of blocks FIRST..LAST (0-based, inclusive) merged into one graph (`exporter/spans.py`)
 SPAN = re.compile(r"span_(\d{2,})_(\d{2,})")
+#: the embedding, every block and the final head merged into one graph (`exporter/spans.py`)
+FULL_STEP = "full_step"
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,16 @@ class Manifest:
                 found[(int(match.group(1)), int(match.group(2)))] = key
         return found
 
+    @property
+    def full_step(self) -> Optional[str]:
+        """The graph name of the full-depth step (embedding, all blocks and the final head as one graph), if any."""
+        return FULL_STEP if FULL_STEP in self.graphs else None
+
+    @property
+    def merged_graphs(self) -> set[str]:
+        """Graphs that merge others into one (spans, the full step): the same computation, fewer calls."""
+        return set(self.spans.values()) | ({FULL_STEP} if FULL_STEP in self.graphs else set())
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         for optional in ("source", "kv_cache"):  # manifests (and digests) of bundles without them stay as they were
@@ -213,11 +225,11 @@ class Manifest:
         atomic_write_text(Path(bundle_dir) / MANIFEST_NAME, text, BundleError)
 
     def digest(self) -> str:
-        """sha256 of what the export decided: everything but `extras`, `attachments` and the span graphs
-        (a span is its blocks merged, the same computation: adding spans after calibration, where the
+        """sha256 of what the export decided: everything but `extras`, `attachments` and the merged graphs
+        (spans and the full step: a span is its blocks merged, the same computation: adding spans after calibration, where the
         policy's evaluated layers are known, keeps the policy and engines built from the bundle valid)."""
         core = {k: v for k, v in self.to_dict().items() if k not in ("extras", "attachments")}
-        core["graphs"] = {k: v for k, v in core["graphs"].items() if not SPAN.fullmatch(k)}
+        core["graphs"] = {k: v for k, v in core["graphs"].items() if not SPAN.fullmatch(k) and k != FULL_STEP}
         text = json.dumps(core, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -342,7 +354,13 @@ class Manifest:
                              ["hidden_states_out"] + [f"present_{kv}_{i}" for i in layers for kv in ("key", "value")])
             fixed.update({f"{kind}_{kv}_{i}": kv_shape for i in layers for kind in ("past", "present")
                           for kv in ("key", "value")})
-        spans = set(self.spans.values())  # checked last: a geometry error names the block graph the span merges
+        if FULL_STEP in self.graphs:
+            layers = [f"{i:02d}" for i in range(self.num_layers)]
+            required[FULL_STEP] = (["input_ids", "attention_mask"] + [f"past_{kv}_{i}" for i in layers for kv in ("key", "value")],
+                                   ["logits"] + [f"present_{kv}_{i}" for i in layers for kv in ("key", "value")])
+            fixed.update({f"{kind}_{kv}_{i}": kv_shape for i in layers for kind in ("past", "present")
+                          for kv in ("key", "value")})
+        spans = self.merged_graphs  # checked last: a geometry error names the graph they merge
         for key, graph in sorted(self.graphs.items(), key=lambda item: item[0] in spans):
             needed = block_io if key in self.block_names else required.get(key, ([], []))
             for kind, names, specs in (("inputs", needed[0], graph.inputs), ("outputs", needed[1], graph.outputs)):

@@ -69,19 +69,25 @@ def test_the_exporters_span_check_measures_the_span_against_its_blocks(stories_b
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_full_depth_generation_is_token_identical_with_three_calls_per_step(stories_bundle, backend):
+def test_full_depth_generation_is_token_identical_with_one_call_per_step(stories_bundle, backend):
+    """cpu: the full step (embedding, blocks and head in one graph); cpu-iobinding: embed -> span -> head."""
     runs = {}
     for spans in (True, False):
         model = rt.load(stories_bundle, backend=backend, spans=spans)
         g = model.generate(PROMPT, max_new_tokens=24, stop_at_eos=False)
         runs[spans] = (g.tokens, {k: v for k, v in model.session_calls.items() if v})
         loaded = model.sessions.loaded()
-        if spans:  # the blocks the span covers are never loaded
+        if spans:  # the blocks the span covers are never loaded (nor, with the full step, anything else)
             assert not [n for n in loaded if n.startswith("block_")], loaded
+            if backend == "cpu":
+                assert loaded == ["full_step"]
         model.close()
     assert runs[True][0] == runs[False][0] and len(runs[True][0]) == 24
     steps = 24  # the prompt and 23 decode steps
-    assert runs[True][1] == {"embed": steps, "span_00_04": steps, "final_head": steps}
+    if backend == "cpu":
+        assert runs[True][1] == {"full_step": steps}
+    else:
+        assert runs[True][1] == {"embed": steps, "span_00_04": steps, "final_head": steps}
     assert runs[False][1] == {"embed": steps, "final_head": steps, **{f"block_{i:02d}": steps for i in range(5)}}
 
 
@@ -104,8 +110,11 @@ def test_early_exit_runs_the_spans_between_evaluated_layers(policy_spans_bundle,
     g = model.generate(PROMPT, max_new_tokens=8, mode="early-exit", policy=policy, stop_at_eos=False)
     calls = {k: v for k, v in model.session_calls.items() if v}
     steps = 7  # after the prompt (full depth: one span_00_04 call)
-    assert calls == {"embed": 8, "span_00_04": 1, "span_00_01": steps, "span_02_03": steps, "block_04": steps,
-                     "exit_head": 2 * steps, "final_head": 8}
+    # the prompt at full depth: the full step on cpu, embed -> span_00_04 -> head on cpu-iobinding
+    prompt = {"full_step": 1} if backend == "cpu" else {"span_00_04": 1}
+    heads = steps if backend == "cpu" else steps + 1
+    assert calls == {**prompt, "embed": heads, "span_00_01": steps, "span_02_03": steps, "block_04": steps,
+                     "exit_head": 2 * steps, "final_head": heads}
     assert g.layers_per_token == [5] * 8
     plain = rt.load(bundle, backend=backend, spans=False).generate(PROMPT, max_new_tokens=8, stop_at_eos=False)
     assert g.tokens == plain.tokens
@@ -168,8 +177,10 @@ def test_smollm2_full_depth_generation_is_token_identical_with_and_without_spans
     assert np.max(np.abs(runs[True][1] - runs[False][1])) <= 1e-5
     for (ka, va), (kb, vb) in zip(runs[True][2], runs[False][2]):
         assert np.max(np.abs(ka - kb)) <= 1e-5 and np.max(np.abs(va - vb)) <= 1e-5
-    assert runs[True][3]["span_00_29"] == 33 and not any(runs[True][3][f"block_{i:02d}"] for i in range(30))
-    assert runs[False][3]["span_00_29"] == 0 and all(runs[False][3][f"block_{i:02d}"] == 33 for i in range(30))
+    # generation: the full step (prompt + 32 steps); `prefill` above: the span (run_layers)
+    assert runs[True][3]["full_step"] == 32 and runs[True][3]["span_00_29"] == 1
+    assert not any(runs[True][3][f"block_{i:02d}"] for i in range(30))
+    assert runs[False][3]["span_00_29"] == 0 and runs[False][3]["full_step"] == 0 and all(runs[False][3][f"block_{i:02d}"] == 33 for i in range(30))
 
 
 def test_calibration_adds_the_policys_spans_in_one_staged_update(stories_bundle, tmp_path):
@@ -192,8 +203,8 @@ def test_calibration_adds_the_policys_spans_in_one_staged_update(stories_bundle,
     assert (bundle / "shared_weights.bin").stat().st_size == weights and (bundle / "span_00_02.onnx").stat().st_size < 64 << 10
     model = rt.load(bundle)
     g = model.generate(PROMPT, max_new_tokens=4, mode="early-exit", policy=policy, stop_at_eos=False)
-    assert {k: v for k, v in model.session_calls.items() if v} == {
-        "embed": 4, "span_00_04": 1, "span_00_02": 3, "exit_head": 3, "span_03_04": 3, "final_head": 4}
+    assert {k: v for k, v in model.session_calls.items() if v} == {  # the prompt at full depth: the full step
+        "full_step": 1, "embed": 3, "span_00_02": 3, "exit_head": 3, "span_03_04": 3, "final_head": 3}
     assert g.tokens == rt.load(bundle, spans=False).generate(PROMPT, max_new_tokens=4, stop_at_eos=False).tokens
 
 

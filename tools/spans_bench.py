@@ -5,8 +5,9 @@
                                 [--threads 2] [--peer-python /work/cache/peers-venv/bin/python] [--json OUT]
 
 Contenders, each timed once per repeat in a rotated order (interleaved), after one warm-up each:
-`spans` (the runtime's default: embed -> span -> head), `blocks` (`load(..., spans=False)`: every block
-its own session call), `spans+spin` (`load(..., spinning=True)`), `blocks+spin`, and `genai` (onnxruntime-genai in a
+`spans` (the runtime's default: the full step, one graph per token, its session's threads spinning),
+`spans-nospin` (the same, no thread spins: `load(..., spinning=False)`), `blocks` (`load(..., spans=False)`:
+every block its own session call), `blocks+spin` (`spinning=True`), and `genai` (onnxruntime-genai in a
 peer process, tools/genai_peer.py, with its default spinning threads). Greedy decode of --tokens tokens after a
 16-token prompt; decode ms/token excludes the prefill. Prints medians, ratios to genai, the load average
 before and after, and writes JSON. Compare ratios from one run only.
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--contenders", default="spans,blocks,spans+spin,blocks+spin,genai")
+    p.add_argument("--contenders", default="spans,spans-nospin,blocks,genai")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     names = args.contenders.split(",")
@@ -48,8 +49,8 @@ def main(argv=None) -> int:
     models = {}
     for name in names:
         if name != "genai":
-            models[name] = rt.load(args.bundle, threads=args.threads, spans=name.startswith("spans"),
-                                   spinning=name.endswith("+spin"))
+            spinning = True if name.endswith("+spin") else False if name.endswith("-nospin") else None
+            models[name] = rt.load(args.bundle, threads=args.threads, spans=name.startswith("spans"), spinning=spinning)
     tokenizer_model = next(iter(models.values()))
     ids = tokenizer_model.encode(PROMPT)[:16]
     peer = GenaiPeer(args.peer_python, args.genai, args.threads) if "genai" in names else None

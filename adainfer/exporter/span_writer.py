@@ -25,15 +25,18 @@ from ..manifest import GraphSpec, Manifest, file_spec
 from ..runtime.segments import Segment
 from ..runtime.sessions import make_session
 from .shared_weights import share_weights
-from .spans import merge_blocks, span_name
+from .spans import FULL_STEP, merge_blocks, merge_full_step, span_name
 
 #: largest difference allowed between a span's outputs and its chained blocks' (they run the same kernels)
 TOLERANCE = 1e-5
+#: largest difference allowed between the full step's logits and embed -> span -> head run one after another
+#: (ONNX Runtime may fuse across what were graph boundaries: float32 rounding, logits of magnitude ~10)
+LOGITS_TOLERANCE = 1e-4
 
 
 def without_spans(manifest: Manifest) -> Manifest:
-    """A copy of `manifest` listing no span graphs (the span files themselves are not touched)."""
-    names = set(manifest.spans.values())
+    """A copy of `manifest` listing no span graphs and no full step (their files are not touched)."""
+    names = manifest.merged_graphs
     return dataclasses.replace(manifest, graphs={k: v for k, v in manifest.graphs.items() if k not in names})
 
 
@@ -52,7 +55,26 @@ def add_full_span(bundle_dir: Path, manifest: Manifest, threshold: int, check: b
     L = manifest.num_layers
     if L < 2 or not mergeable(bundle_dir, manifest):
         return manifest
-    return add_spans(bundle_dir, manifest, [(0, L - 1)], threshold, check=check, reshare=True)
+    manifest = add_spans(bundle_dir, manifest, [(0, L - 1)], threshold, check=check, reshare=True)
+    return add_full_step(bundle_dir, manifest, check=check)
+
+
+def add_full_step(bundle_dir: Path, manifest: Manifest, check: bool = True) -> Manifest:
+    """Write `full_step.onnx` (embed -> the full-depth span -> final head at the last position, one graph: a
+    full-depth step in one session call), list it in the manifest (saved) and check it against the three
+    graphs run one after another. Its weights are the ones those graphs reference: none added on disk."""
+    L = manifest.num_layers
+    span = manifest.spans.get((0, L - 1))
+    if span is None or FULL_STEP in manifest.graphs:
+        return manifest
+    g = manifest.graphs
+    merge_full_step(bundle_dir, g["embed"].file, g[span].file, g["final_head"].file, f"{FULL_STEP}.onnx")
+    spec = dataclasses.replace(graph_spec(bundle_dir, f"{FULL_STEP}.onnx"), precision=g[span].precision)
+    manifest = dataclasses.replace(manifest, graphs={**g, FULL_STEP: spec})
+    manifest.save(bundle_dir)
+    if check:
+        check_full_step(bundle_dir, manifest)
+    return manifest
 
 
 def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], threshold: int = 1 << 30, *,
@@ -136,6 +158,38 @@ def check_span(bundle_dir: Path, out_dir: Path, manifest: Manifest, first: int, 
     worst = max(float(np.max(np.abs(got[k].astype(np.float64) - v.astype(np.float64)))) for k, v in chained.items())
     if not worst <= TOLERANCE:
         raise ExportError(f"{name} differs from its blocks run one after another by {worst:.3g} (allowed {TOLERANCE})")
+    return worst
+
+
+def check_full_step(bundle_dir: Path, manifest: Manifest) -> float:
+    """Run the full step and embed -> span -> head on random token ids (a decode step of a batch of 2 on a
+    3-token cache: ONNX Runtime's fused attention takes several new tokens on a cache for one row only); refuse the export where logits differ by more than `LOGITS_TOLERANCE` or a cache entry by more
+    than `TOLERANCE`. Returns the largest logit difference."""
+    m = manifest
+    L = m.num_layers
+    rng = np.random.default_rng(L)
+    kv = np.dtype(m.kv_dtype)
+    ids = rng.integers(0, m.vocab_size, (2, 1)).astype(np.int64)
+    steady = {"position_ids": np.full((2, 1), 3, dtype=np.int64), "attention_mask": np.ones((2, 4), dtype=np.int64)}
+    for i in range(L):
+        steady[f"past_key_{i:02d}"], steady[f"past_value_{i:02d}"] = (_kv(rng, (2, m.num_kv_heads, 3, m.head_dim), kv)
+                                                                      for _ in range(2))
+
+    def run(graph: str, feeds: dict) -> dict:
+        session = make_session(Path(bundle_dir) / m.graphs[graph].file, threads=1)
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, {n.name: feeds[n.name] for n in session.get_inputs()})))
+
+    (hidden,) = run("embed", {**steady, "input_ids": ids}).values()
+    chained = run(m.spans[(0, L - 1)], {**steady, "hidden_states": hidden})
+    (logits,) = run("final_head", {"hidden_states": np.ascontiguousarray(chained["hidden_states_out"][:, -1])}).values()
+    got = run(FULL_STEP, {**steady, "input_ids": ids})
+    worst = float(np.max(np.abs(got["logits"].astype(np.float64) - logits)))
+    cache = max(float(np.max(np.abs(got[k].astype(np.float64) - v.astype(np.float64))))
+                for k, v in chained.items() if k.startswith("present_"))
+    if not (worst <= LOGITS_TOLERANCE and cache <= TOLERANCE):
+        raise ExportError(f"{FULL_STEP} differs from embed -> span -> head run one after another: logits by "
+                          f"{worst:.3g} (allowed {LOGITS_TOLERANCE}), cache by {cache:.3g} (allowed {TOLERANCE})")
     return worst
 
 

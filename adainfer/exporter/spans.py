@@ -114,3 +114,95 @@ def _without_external_data(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def inputs_seen(inputs: list) -> set[str]:
     return {v.name for v in inputs}
+
+
+#: the embedding, every block and the final head as one graph: a full-depth step in one session call
+FULL_STEP = "full_step"
+
+
+def _prefixed(model: onnx.ModelProto, prefix: str, keep: dict[str, str]) -> onnx.GraphProto:
+    """`model`'s graph with every name prefixed, except those in `keep` (renamed to their value)."""
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+
+    def rename(name: str) -> str:
+        return keep.get(name, prefix + name) if name else name
+
+    for node in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ValueError(f"{prefix}: node {node.name} holds a subgraph; the full step takes flat graphs")
+        node.name = prefix + node.name
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+    for t in graph.initializer:
+        t.name = rename(t.name)
+    for infos in (graph.input, graph.output, graph.value_info):
+        for v in infos:
+            v.name = rename(v.name)
+    return graph
+
+
+def _same_bytes_once(initializers: list) -> tuple[list, dict[str, str]]:
+    """Initializers stored at the same external (file, offset, length) with one dtype and shape, kept once
+    (a tied model's embedding table and LM head read the same bytes): the kept list and old -> kept names."""
+    kept, seen, alias = [], {}, {}
+    for t in initializers:
+        key = None
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in t.external_data}
+            key = (where.get("location"), where.get("offset", "0"), where.get("length"), t.data_type, tuple(t.dims))
+        if key is not None and key in seen:
+            alias[t.name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = t.name
+        kept.append(t)
+    return kept, alias
+
+
+def _same_opset(models: list) -> list:
+    """The models with one default-domain opset (the highest among them; a converted bundle's quantized graphs
+    may carry a newer one than its blocks): the others upgraded by ONNX's version converter."""
+    from onnx import version_converter
+
+    def default(model) -> int:
+        return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+    target = max(default(m) for m in models)
+    return [m if default(m) == target else version_converter.convert_version(m, target) for m in models]
+
+
+def merge_full_step(bundle_dir: Path, embed_file: str, span_file: str, head_file: str, out_file: str,
+                    out_dir: Path | None = None) -> Path:
+    """Write `out_file`: embed -> span (all blocks) -> final head at every row's last position, one graph.
+    Inputs `input_ids, position_ids, attention_mask, past_key_NN, past_value_NN`; outputs `logits`
+    (batch, vocab) and `present_key_NN, present_value_NN`. Weights stay where the three graphs keep them."""
+    bundle_dir = Path(bundle_dir)
+    load = lambda f: onnx.load(str(bundle_dir / f), load_external_data=False)  # noqa: E731
+    embed, span, head = _same_opset([load(embed_file), load(span_file), load(head_file)])
+    e = _prefixed(embed, "embed/", {"input_ids": "input_ids", "position_ids": "position_ids",
+                                    "hidden_states": "hidden_states"})
+    s = span.graph
+    h = _prefixed(head, "head/", {"hidden_states": "head/rows", "logits": "logits"})
+    last = helper.make_tensor("full_step/last_position", onnx.TensorProto.INT64, [], [-1])
+    pick = helper.make_node("Gather", ["hidden_states_out", last.name], ["head/rows"], axis=1, name="full_step/last_rows")
+    initializers, alias = _same_bytes_once([*e.initializer, *s.initializer, last, *h.initializer])
+    nodes = [*e.node, *s.node, pick, *h.node]
+    for node in nodes:
+        node.input[:] = [alias.get(n, n) for n in node.input]
+    inputs = [*e.input, *(v for v in s.input if v.name not in {i.name for i in e.input} | {"hidden_states"})]
+    outputs = [*h.output, *(v for v in s.output if v.name != "hidden_states_out")]
+    infos = [*e.output, *e.value_info, *s.value_info, *h.value_info,
+             *(v for v in s.output if v.name == "hidden_states_out")]
+    opsets: dict[str, int] = {}
+    for model in (embed, span, head):
+        for o in model.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    graph = helper.make_graph(nodes, out_file.removesuffix(".onnx"), inputs, outputs, initializers, value_info=infos)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                              producer_name="adainfer-spans")
+    model.ir_version = max(embed.ir_version, span.ir_version, head.ir_version)
+    path = Path(out_dir or bundle_dir) / out_file
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(_without_external_data(model))
+    return path

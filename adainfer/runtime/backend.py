@@ -118,6 +118,13 @@ class Backend(Protocol):
         """Run blocks `first..last` on `hidden`, appending each one's keys and values to its layer's cache:
         one block (`first == last`) or one of `spans`."""
 
+    #: whether `full_step` runs (the bundle has a full-step graph and the backend uses it); optional, False if absent
+    runs_full_step: bool
+
+    def full_step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Embedding, every block and the final head as one graph: last-position logits (batch, vocab) on the
+        host, every layer's keys and values appended (`chain.full_depth_logits`)."""
+
     def kv_fill(self, layer: int, hidden: Any, position_ids: np.ndarray, cache: KVCache) -> None:
         """Append to layer `layer` the keys and values its `kv_fill` graph gives for `hidden`
         (the exit hidden state of a token that skipped the layer)."""

@@ -64,6 +64,14 @@ def fill_skipped(backend: Backend, cache: KVCache, run: LayerRun) -> None:
     cache.complete_layers = backend.num_layers
 
 
+def full_depth_logits(backend: Backend, input_ids: np.ndarray, cache: KVCache, step_mask: np.ndarray) -> np.ndarray:
+    """Every block, then the last position's logits (batch, vocab): in one graph call where the backend runs
+    a full step (embedding, blocks and final head merged), else `run_layers` and the final head."""
+    if getattr(backend, "runs_full_step", False):
+        return backend.full_step(input_ids, cache.advance(step_mask), cache)
+    return last_logits(backend, run_layers(backend, input_ids, cache, step_mask))
+
+
 def last_logits(backend: Backend, run: LayerRun) -> np.ndarray:
     """Logits (batch, vocab) at the last position of every row, where `run` ended."""
     return backend.logits(backend.rows(run.hidden, "last"))

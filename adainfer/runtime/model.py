@@ -144,7 +144,7 @@ class Model:
 
     def forward(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray) -> np.ndarray:
         """Feed `input_ids` (batch, seq) through every block; returns the last position's logits."""
-        return chain.last_logits(self.backend, chain.run_layers(self.backend, input_ids, state, step_mask))
+        return chain.full_depth_logits(self.backend, input_ids, state, step_mask)
 
     def start(self, prompts: Sequence[Sequence[int]]) -> tuple[DecodeState, np.ndarray]:
         """Prefill a batch of token-id prompts (left-padded); returns the state and last logits."""

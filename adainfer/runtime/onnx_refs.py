@@ -151,3 +151,34 @@ def check_external_data(root: Path, manifest) -> None:
             if name not in listed:
                 raise BundleError(f"bundle {root}: {entry.file} uses external data {name}, which the manifest "
                                   f"does not list (every file the runtime opens must be listed with its sha256)")
+
+
+NODE_OUTPUT, NODE_OP_TYPE = 2, 4
+
+
+def producers(path: Path) -> dict[str, str]:
+    """Output name -> op type of every node in an ONNX file's main graph (read without the `onnx` package;
+    empty for a file that is not a valid model)."""
+    out: dict[str, str] = {}
+    with open(path, "rb") as handle:
+        size = handle.seek(0, 2)
+        if size == 0:
+            return out
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            buf = memoryview(mapped)
+            try:
+                for number, s, e in _fields(buf, 0, size):
+                    if number != MODEL_GRAPH:
+                        continue
+                    for n, a, b in _fields(buf, s, e):
+                        if n != GRAPH_NODE:
+                            continue
+                        fields = [(k, bytes(buf[x:y]).decode("utf-8", "replace")) for k, x, y in _fields(buf, a, b)
+                                  if k in (NODE_OUTPUT, NODE_OP_TYPE)]
+                        op = next((v for k, v in fields if k == NODE_OP_TYPE), "")
+                        out.update({v: op for k, v in fields if k == NODE_OUTPUT})
+            except _Malformed:
+                out.clear()
+            finally:
+                buf.release()
+    return out

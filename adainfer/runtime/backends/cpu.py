@@ -18,14 +18,17 @@ from ...errors import BundleError
 from ..backend import KVState, kv_dtype
 from ..bundle import Bundle
 from ..early_exit import HostDecisions
+from ..kv_in_place import InPlaceKV, supports
 from ..sessions import DEFAULT_PROVIDERS, make_session
 
 
 class HostKVCache(KVState):
-    """Per-layer keys and values as numpy arrays `(batch, kv_heads, length, head_dim)` in the block graphs' dtype."""
+    """Per-layer keys and values as numpy arrays `(batch, kv_heads, length, head_dim)` in the block graphs' dtype
+    (after a full step in place: views of `in_place`'s buffers, which this cache owns)."""
 
     def __init__(self, keys: list, values: list, batch: int):
         self.keys, self.values = keys, values
+        self.in_place: Optional[InPlaceKV] = None
         self._init_state(batch)
 
     @classmethod
@@ -40,7 +43,9 @@ class HostKVCache(KVState):
         self.values[layer] = np.concatenate([self.values[layer], values], axis=2)
 
     def fork(self) -> "HostKVCache":
-        other = HostKVCache(list(self.keys), list(self.values), self.batch)
+        own = self.in_place is not None  # views of our buffers, which our next full step overwrites: copies
+        other = HostKVCache([np.array(k) if own else k for k in self.keys],
+                            [np.array(v) if own else v for v in self.values], self.batch)
         self._copy_state_to(other)
         return other
 
@@ -52,8 +57,13 @@ class HostKVCache(KVState):
     def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.keys[index], self.values[index]
 
+    def past(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer `index`'s keys and values as a graph input takes them: contiguous (ONNX Runtime reads the
+        bytes, not numpy's strides; the views of the in-place buffers are strided)."""
+        return np.ascontiguousarray(self.keys[index]), np.ascontiguousarray(self.values[index])
+
     def close(self) -> None:
-        pass
+        self.in_place = None
 
 
 def used_spans(manifest, enabled: bool = True) -> tuple:
@@ -61,29 +71,43 @@ def used_spans(manifest, enabled: bool = True) -> tuple:
     return tuple(sorted(manifest.spans)) if enabled else ()
 
 
+def spins(graph: str, spinning: Optional[bool], full_step: Optional[str]) -> bool:
+    """Whether `graph`'s session lets its idle threads spin-wait. None (the default): only the full step's,
+    the one session a full-depth step runs (ONNX Runtime's default, as onnxruntime-genai runs its one graph;
+    sessions run one after another would spin against each other)."""
+    return spinning if spinning is not None else graph == full_step
+
+
 class Sessions(Mapping):
     """One ONNX Runtime session per graph, by graph name; the graphs only early exit needs (the exit
     head, the kv_fill graphs) get theirs on first use, so a full-depth generation never holds them
     (the exit head is a whole LM head: 113 MB of weights, prepacked, on SmolLM2). With spans, the
     blocks a span covers and the spans other than the full-depth one are made on first use too: a
-    full-depth pass runs the full-depth span only, so the blocks' weights are never held twice.
+    full-depth pass runs the full-depth span only, so the blocks' weights are never held twice. With the
+    full step (embedding, blocks and final head as one graph), that is the only graph made at load: the
+    embedding, the heads and the full-depth span follow on first use (early exit, all-position logits).
     Every graph's interface is checked against the manifest at load all the same, by a session that
     skips graph optimization and weight prepacking (weights in external data are mapped, not read)."""
 
     LAZY = ("exit_head", "kv_fill_")
 
     def __init__(self, bundle: Bundle, providers, threads: Optional[int], require: Optional[str] = None,
-                 spans: tuple = (), spinning: bool = False):
+                 spans: tuple = (), spinning: Optional[bool] = None, full_step: Optional[str] = None):
         """`providers`: a list for every graph, or a function of the graph's name; `require`: the
         execution provider every session must really run on (`sessions.check_providers`); `spans`:
-        the spans the backend runs (others are never loaded, their blocks are loaded on first use)."""
+        the spans the backend runs (others are never loaded, their blocks are loaded on first use);
+        `full_step`: the full step's graph name where the backend runs it; `spinning`: see `spins`."""
         self.bundle, self.providers, self.threads, self.require = bundle, providers, threads, require
-        self.spinning = spinning
+        self.spinning, self.full_step = spinning, full_step
         m = bundle.manifest
         covered = {m.block_name(i) for first, last in spans for i in range(first, last + 1)}
         full = m.spans.get((0, m.num_layers - 1)) if (0, m.num_layers - 1) in spans else None
         lazy_names = covered | {name for name in m.spans.values() if name != full}
         unused = {m.spans[r] for r in m.spans if r not in spans}  # never run here: interface read on the CPU
+        if full_step is not None:  # a full-depth step runs it alone: everything else waits for first use
+            lazy_names |= {"embed", "final_head", *m.spans.values()}
+        elif m.full_step is not None:
+            unused.add(m.full_step)
         self._sessions: dict = {}
         self._lock = threading.Lock()
         names = list(bundle.manifest.graphs)
@@ -97,7 +121,7 @@ class Sessions(Mapping):
                 session = make_session(bundle.graph_path(name), light=True)
             else:
                 session = make_session(bundle.graph_path(name), self._providers(name), threads, light=lazy,
-                                       require=require, spinning=spinning)
+                                       require=require, spinning=spins(name, spinning, full_step))
             bundle.check_session(name, session)  # the graphs' real interfaces match the manifest
             self.inputs[name] = [i.name for i in session.get_inputs()]
             self.outputs[name] = [o.name for o in session.get_outputs()]
@@ -115,7 +139,7 @@ class Sessions(Mapping):
                 if session is None:
                     session = self._sessions[name] = make_session(self.bundle.graph_path(name), self._providers(name),
                                                                   self.threads, require=self.require,
-                                                                  spinning=self.spinning)
+                                                                  spinning=spins(name, self.spinning, self.full_step))
         return session
 
     def _providers(self, name: str):
@@ -142,13 +166,18 @@ class CpuBackend(HostDecisions):
     name = "cpu"
 
     def __init__(self, bundle: Bundle, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
-                 spans: bool = True, spinning: bool = False):
-        """`spans`: run the bundle's span graphs where the chain can (False: every block on its own);
-        `spinning`: ONNX Runtime's spin-waiting threads (`sessions.session_options`)."""
+                 spans: bool = True, spinning: Optional[bool] = None):
+        """`spans`: run the bundle's span graphs and its full step where the chain can (False: every block
+        on its own); `spinning`: ONNX Runtime's spin-waiting threads (`spins`; `sessions.session_options`)."""
         self.bundle, self.manifest = bundle, bundle.manifest
         self.num_layers = self.manifest.num_layers
         self.spans = used_spans(self.manifest, spans)
-        self.sessions = Sessions(bundle, providers, threads, spans=self.spans, spinning=spinning)
+        self.full_step_graph = self.manifest.full_step if spans else None
+        # the full step appends to the cache in place where GroupQueryAttention writes every layer's cache
+        self.in_place = (self.full_step_graph is not None
+                         and supports(bundle.graph_path(self.full_step_graph), self.num_layers))
+        self.sessions = Sessions(bundle, providers, threads, spans=self.spans, spinning=spinning,
+                                 full_step=self.full_step_graph)
         self.calls: dict[str, int] = {name: 0 for name in self.manifest.graphs}
         self.kv_dtype = kv_dtype(self.manifest)
 
@@ -170,9 +199,10 @@ class CpuBackend(HostDecisions):
         return hidden
 
     def block(self, layer, hidden, position_ids, cache: HostKVCache):
+        past_key, past_value = cache.past(layer)
         hidden, cache.keys[layer], cache.values[layer] = self._run(
             self.manifest.block_name(layer), hidden_states=hidden, position_ids=position_ids,
-            attention_mask=cache.attention_mask, past_key=cache.keys[layer], past_value=cache.values[layer])
+            attention_mask=cache.attention_mask, past_key=past_key, past_value=past_value)
         return hidden
 
     def segment(self, first, last, hidden, position_ids, cache: HostKVCache):
@@ -181,11 +211,35 @@ class CpuBackend(HostDecisions):
         graph = self.manifest.spans[(first, last)]
         feeds = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": cache.attention_mask}
         for layer in range(first, last + 1):
-            feeds[f"past_key_{layer:02d}"], feeds[f"past_value_{layer:02d}"] = cache.keys[layer], cache.values[layer]
+            feeds[f"past_key_{layer:02d}"], feeds[f"past_value_{layer:02d}"] = cache.past(layer)
         out = dict(zip(self.sessions.outputs[graph], self._run(graph, **feeds)))
         for layer in range(first, last + 1):
             cache.keys[layer], cache.values[layer] = out[f"present_key_{layer:02d}"], out[f"present_value_{layer:02d}"]
         return out["hidden_states_out"]
+
+    @property
+    def runs_full_step(self) -> bool:
+        return self.full_step_graph is not None
+
+    def full_step(self, input_ids, position_ids, cache: HostKVCache) -> np.ndarray:
+        """Embedding, every block and the final head in one graph call (`runs_full_step`): the last position's
+        logits (batch, vocab); every layer's keys and values appended."""
+        graph = self.full_step_graph
+        batch, seq = input_ids.shape
+        if self.in_place and (batch == 1 or seq == 1):  # (GroupQueryAttention takes several new tokens for one row only)
+            if cache.in_place is None:
+                m = self.manifest
+                cache.in_place = InPlaceKV(self.sessions[graph], m.num_layers, batch, m.num_kv_heads, m.head_dim,
+                                           self.kv_dtype, m.max_positions)
+            self.calls[graph] += 1
+            return cache.in_place.run(cache, input_ids, position_ids)
+        feeds = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": cache.attention_mask}
+        for layer in range(self.num_layers):
+            feeds[f"past_key_{layer:02d}"], feeds[f"past_value_{layer:02d}"] = cache.past(layer)
+        out = dict(zip(self.sessions.outputs[graph], self._run(graph, **feeds)))
+        for layer in range(self.num_layers):
+            cache.keys[layer], cache.values[layer] = out[f"present_key_{layer:02d}"], out[f"present_value_{layer:02d}"]
+        return out["logits"]
 
     def kv_fill_outputs(self, layer: int, hidden, position_ids) -> tuple[np.ndarray, np.ndarray]:
         key, value = self._run(f"kv_fill_{layer:02d}", hidden_states=hidden, position_ids=position_ids)

@@ -1,0 +1,127 @@
+"""The cpu backend's full step with the KV cache appended in place (runtime/kv_in_place.py): the same
+logits and caches as every block run on its own, through buffer growth, early exits, forks and rollbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import adainfer.runtime as rt
+from adainfer.runtime import kv_in_place
+from adainfer.runtime.decoding import EarlyExitDecoder, Sampler
+from adainfer.runtime.exit_policy import ExitPolicy
+
+IDS = [1, 45, 300, 12, 77, 9]
+
+
+def caches_equal(a, b, layers: int) -> float:
+    worst = 0.0
+    for i in range(layers):
+        (ka, va), (kb, vb) = a.layer(i), b.layer(i)
+        assert ka.shape == kb.shape and va.shape == vb.shape, (i, ka.shape, kb.shape)
+        worst = max(worst, float(np.abs(ka - kb).max()), float(np.abs(va - vb).max()))
+    return worst
+
+
+@pytest.fixture
+def models(stories_bundle, monkeypatch):
+    monkeypatch.setattr(kv_in_place, "START_CAPACITY", 4)  # the buffers grow 6 (the prompt) -> 12 -> 24 -> 48 below
+    fast, plain = rt.load(stories_bundle), rt.load(stories_bundle, spans=False)
+    assert fast.backend.in_place and not plain.backend.runs_full_step
+    yield fast, plain
+    fast.close()
+    plain.close()
+
+
+def test_in_place_steps_equal_blocks_through_buffer_growth(models):
+    fast, plain = models
+    state_a, logits_a = fast.start([IDS])
+    state_b, logits_b = plain.start([IDS])
+    first, kept = logits_a, logits_a.copy()
+    capacities = set()
+    for step in range(24):
+        token = int(logits_b[0].argmax())
+        logits_a, logits_b = fast.step(state_a, [token]), plain.step(state_b, [token])
+        assert np.abs(logits_a - logits_b).max() <= 1e-5, step
+        capacities.add(state_a.in_place.capacity)
+    assert np.array_equal(first, kept)  # logits handed out are not overwritten by later steps
+    assert capacities == {12, 24, 48}
+    assert caches_equal(state_a, state_b, fast.num_layers) <= 1e-5
+    assert state_a.layer(0)[0].shape[2] == len(IDS) + 24
+    assert fast.session_calls["full_step"] == 25 and fast.session_calls["block_00"] == 0
+
+
+def test_early_exit_steps_between_in_place_steps_are_copied_back_in(models):
+    """A forced exit after 2 blocks (blocks + kv fill replace the cache's arrays), then full steps again."""
+    fast, plain = models
+    forced = ExitPolicy.forced(2)
+    results = []
+    for model in (fast, plain):
+        decider = model.backend.make_decider(model, forced)
+        early = EarlyExitDecoder(model, Sampler(0.0, 1.0, np.random.default_rng(0)), decider)
+        state, logits = model.start([IDS])
+        out = []
+        for step in range(6):
+            token = int(logits[0].argmax())
+            if step % 3 == 1:
+                logits, layers, _ = early.step(state, token)
+                assert layers == 2
+            else:
+                logits = model.step(state, [token])
+            out.append(logits)
+        results.append((state, out))
+    (state_a, out_a), (state_b, out_b) = results
+    assert max(float(np.abs(a - b).max()) for a, b in zip(out_a, out_b)) <= 1e-5
+    assert caches_equal(state_a, state_b, fast.num_layers) <= 1e-5
+
+
+def test_a_fork_and_a_rollback_keep_their_own_cache(models):
+    fast, plain = models
+    state_a, _ = fast.start([IDS])
+    state_b, _ = plain.start([IDS])
+    for token in (5, 6, 7):
+        fast.step(state_a, [token])
+        plain.step(state_b, [token])
+    fork_a, fork_b = state_a.fork(), state_b.fork()
+    for token in (8, 9):  # the parent goes on in its buffers ...
+        fast.step(state_a, [token])
+        plain.step(state_b, [token])
+    for token in (20, 21, 22):  # ... the fork, from where it was, in buffers of its own
+        la, lb = fast.step(fork_a, [token]), plain.step(fork_b, [token])
+        assert np.abs(la - lb).max() <= 1e-5
+    assert caches_equal(fork_a, fork_b, fast.num_layers) <= 1e-5
+    assert caches_equal(state_a, state_b, fast.num_layers) <= 1e-5
+    state_a.truncate(len(IDS) + 1)  # roll back to after token 5, then step again in place
+    state_b.truncate(len(IDS) + 1)
+    la, lb = fast.step(state_a, [11]), plain.step(state_b, [11])
+    assert np.abs(la - lb).max() <= 1e-5
+    assert caches_equal(state_a, state_b, fast.num_layers) <= 1e-5
+
+
+def test_a_padded_batch_runs_its_prompt_plainly_and_its_steps_in_place(models):
+    fast, plain = models
+    prompts = [IDS, [1, 400, 401]]
+    state_a, logits_a = fast.start(prompts)
+    state_b, logits_b = plain.start(prompts)
+    assert state_a.in_place is None  # GroupQueryAttention takes several new tokens on a cache for one row only
+    for _ in range(4):
+        tokens = [int(t) for t in logits_b.argmax(axis=1)]
+        logits_a, logits_b = fast.step(state_a, tokens), plain.step(state_b, tokens)
+        assert np.abs(logits_a - logits_b).max() <= 1e-5
+    assert state_a.in_place is not None and state_a.in_place.shape[0] == 2
+    assert caches_equal(state_a, state_b, fast.num_layers) <= 1e-5
+
+
+def test_only_graphs_whose_caches_come_from_group_query_attention_append_in_place(stories_bundle, tmp_path):
+    assert kv_in_place.supports(stories_bundle / "full_step.onnx", 5)
+    x = helper.make_tensor_value_info("past_key_00", TensorProto.FLOAT, [1, 1, None, 4])
+    y = helper.make_tensor_value_info("new", TensorProto.FLOAT, [1, 1, None, 4])
+    out = helper.make_tensor_value_info("present_key_00", TensorProto.FLOAT, [1, 1, None, 4])
+    out_v = helper.make_tensor_value_info("present_value_00", TensorProto.FLOAT, [1, 1, None, 4])
+    graph = helper.make_graph([helper.make_node("Concat", ["past_key_00", "new"], ["present_key_00"], axis=2),
+                               helper.make_node("Identity", ["present_key_00"], ["present_value_00"])],
+                              "concat", [x, y], [out, out_v])
+    onnx.save(helper.make_model(graph), tmp_path / "concat.onnx")
+    assert not kv_in_place.supports(tmp_path / "concat.onnx", 1)
