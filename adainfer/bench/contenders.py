@@ -253,6 +253,23 @@ def forced_layers(num_layers: int) -> list[int]:
     return [k for k in layers if k < num_layers]
 
 
+def add_exit_spans(bundle: Path, layers: list[int]) -> None:
+    """The spans a forced exit after each of `layers` blocks runs (what `adainfer calib` writes for a policy that
+    evaluates there), added to `bench`'s own bundle before it is loaded: an exit at k is then embed -> span of
+    k blocks -> final head, as a calibrated bundle runs it, not k block calls."""
+    if not layers:
+        return
+    from ..exporter.span_writer import add_spans
+    from ..manifest import Manifest
+    from ..runtime.exit_policy import ExitPolicy
+    from ..runtime.segments import policy_stops, span_ranges
+
+    manifest = Manifest.load(bundle)
+    L = manifest.num_layers
+    ranges = [r for k in layers for r in span_ranges(L, policy_stops(ExitPolicy.forced(k), L))]
+    add_spans(bundle, manifest, ranges)
+
+
 def load_chain(bundle: Path, threads: int):
     from ..runtime import load
 
@@ -307,6 +324,7 @@ def build_specs(spec: dict) -> list:
         return [LlamaCpp(Path(spec["path"]), spec["threads"], spec["names"][0], spec["layers"])]
     model = None
     out = []
+    add_exit_spans(Path(spec["path"]), [int(n.split("@")[1]) for n in spec["names"] if "_exit@" in n])
     for name in spec["names"]:
         if name.startswith("chain") and model is None:
             model = load_chain(Path(spec["path"]), spec["threads"])

@@ -32,6 +32,10 @@ def register(sub) -> None:
                         "global pool with any other load on 2 cores), or ONNX Runtime's global pool shared by all the "
                         "bundle's sessions, whose workers spin while a graph runs (possibly faster on an idle machine): "
                         "docs/bench/chain-vs-genai.md")
+    p.add_argument("--spin", choices=("auto", "on", "off"), default="auto",
+                   help="ONNX Runtime's spin-waiting threads (cpu backend): auto (default) for the full step's session "
+                        "only, the one graph a full-depth token runs; off on a machine busy with other work, where "
+                        "spinning threads cost more than they save")
     p.add_argument("--backend", choices=("cpu", "cpu-iobinding", "ort-cuda", "ort-trt", "tensorrt", "onnxruntime"),
                    default="cpu", help="runtime: ONNX Runtime on the CPU (default; 'onnxruntime' is the older name), the "
                    "same with I/O binding, ONNX Runtime's CUDA / TensorRT providers, or TensorRT engines "
@@ -68,7 +72,10 @@ def main(args) -> int:
         from ..runtime.sessions import use_global_thread_pool
 
         use_global_thread_pool(args.threads)
-    model = load(bundle, threads=args.threads, backend=backend)
+    spinning = {"auto": None, "on": True, "off": False}[args.spin]
+    if backend != "cpu" and spinning is not None:
+        raise InputError(f"--spin applies to the cpu backend only (got --backend {backend})")
+    model = load(bundle, threads=args.threads, backend=backend, spinning=spinning)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop_at_eos=not args.no_stop_at_eos, truncate=args.truncate_prompt,
                    mode=args.mode, max_draft=args.max_draft)
