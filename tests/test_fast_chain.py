@@ -85,11 +85,15 @@ def test_tied_table_is_stored_once_and_logits_equal_transformers(tied):
     # the bundle is about its parameters: 1 table + 3 blocks (+ graph structure), not 3 tables
     params = sum(p.numel() * 4 for p in model.parameters())
     spans = {manifest.graphs[g].file for g in manifest.spans.values()}
-    total = sum((bundle / s.file).stat().st_size for s in manifest.all_files().values() if s.file not in spans)
+    merged = {manifest.graphs[g].file for g in manifest.merged_graphs}  # the spans and the full step
+    total = sum((bundle / s.file).stat().st_size for s in manifest.all_files().values() if s.file not in merged)
     assert total < params + table.nbytes / 2, (total, params)
     # the full-depth span holds its blocks' graph structure and small inline tensors, no weights of its own
     blocks = sum((bundle / manifest.graphs[b].file).stat().st_size for b in manifest.block_names)
     assert spans == {"span_00_02.onnx"} and (bundle / "span_00_02.onnx").stat().st_size < blocks + 4096
+    # so does the full step (embedding, span and head): the tied table once, where the other graphs have it
+    size = {g: (bundle / manifest.graphs[g].file).stat().st_size for g in ("embed", "final_head", "full_step")}
+    assert size["full_step"] < blocks + size["embed"] + size["final_head"] + 4096, size
 
     runtime = rt.load(bundle)
     rng = np.random.default_rng(3)
@@ -126,15 +130,21 @@ def test_untied_model_shares_only_what_is_identical(tmp_path):
     manifest = export_model(model, tmp_path / "b")
     assert _ops(tmp_path / "b" / "final_head.onnx")["Gemm"] == 0  # nothing to tie: the traced MatMul stays
     table = model.model.embed_tokens.weight.detach().numpy()
-    assert not [ref for ref in _external(tmp_path / "b" / "embed.onnx").values() if ref[2] == table.nbytes]
+    head = model.lm_head.weight.detach().numpy()
+    embed_refs = [ref for ref in _external(tmp_path / "b" / "embed.onnx").values() if ref[2] == table.nbytes]
+    head_refs = [ref for ref in _external(tmp_path / "b" / "final_head.onnx").values() if ref[2] == head.nbytes]
+    # the embedding (shared with the full step) and the LM head each once, at different places
+    assert len(embed_refs) == 1 and embed_refs != head_refs
+    data = (tmp_path / "b" / SHARED_FILE).read_bytes()
+    assert data.count(table[:2].astype(np.float32).tobytes()) == 1
     assert "shared_weights" in manifest.files  # blocks and kv fills still share K/V projections
 
 
 def test_exit_head_and_kv_fill_sessions_are_created_on_first_use(stories_bundle):
     model = rt.load(stories_bundle)
     loaded = set(model.sessions.loaded())
-    # the full-depth span runs every full-depth pass: the blocks it covers are loaded on first use only
-    assert "final_head" in loaded and "span_00_04" in loaded and "block_00" not in loaded and "exit_head" not in loaded
+    # the full step runs every full-depth pass: every other graph (span, blocks, heads) is loaded on first use only
+    assert loaded == {"full_step"}
     assert not any(name.startswith("kv_fill_") for name in loaded)
     model.generate("Once upon a time", max_new_tokens=4)
     assert "exit_head" not in model.sessions.loaded()

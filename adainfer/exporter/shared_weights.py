@@ -30,6 +30,8 @@ from onnx import external_data_helper, helper, numpy_helper
 from .graph_files import save_graph
 
 SHARED_FILE = "shared_weights.bin"
+#: tensor types stored two or more elements to a byte (numpy_helper.to_array unpacks them)
+PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, n)}
 #: initializers smaller than this stay in their graph (not worth a reference)
 MIN_BYTES = 4096
 ALIGN = 4096
@@ -115,20 +117,22 @@ def share_weights(bundle_dir: Path, graph_files: list[str], threshold: int) -> O
             for t in model.graph.initializer:
                 array = numpy_helper.to_array(t)
                 digest = _digest(array) if array.nbytes >= MIN_BYTES else None
-                if digest not in shared:
-                    t.CopyFrom(numpy_helper.from_array(array, t.name))  # inline again (its old file goes)
+                if digest not in shared:  # inline (`_load` read it in: its old file goes)
                     kept += array.nbytes
                     continue
+                if not t.HasField("raw_data"):  # typed fields (float_data, ...): raw bytes first
+                    if t.data_type in PACKED_TYPES:
+                        kept += array.nbytes
+                        continue  # (never written so by ONNX Runtime's quantizers: stays inline)
+                    t.CopyFrom(numpy_helper.from_array(array, t.name))
                 if digest not in offsets:
                     out.seek(0, os.SEEK_END)
                     start = -(-out.tell() // ALIGN) * ALIGN
                     out.write(b"\0" * (start - out.tell()))
-                    data = np.ascontiguousarray(array).tobytes()
+                    data = t.raw_data  # as stored: 4-bit types stay packed two to a byte
                     out.write(data)
                     offsets[digest] = (start, len(data))
                 start, length = offsets[digest]
-                if not t.HasField("raw_data"):  # typed fields (float_data, ...): raw bytes first
-                    t.CopyFrom(numpy_helper.from_array(array, t.name))
                 external_data_helper.set_external_data(t, SHARED_FILE, offset=start, length=length)
                 t.ClearField("raw_data")
             (root / f"{name}.data").unlink(missing_ok=True)

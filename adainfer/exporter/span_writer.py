@@ -1,11 +1,12 @@
 """Span graphs in a bundle: written, checked against the chained blocks, listed in the manifest.
 
-Every export writes the full-depth span `span_00_LL` (all blocks as one graph: a full-depth
-decode step is then embed -> span -> head, 3 session calls instead of L + 2), and calibration
-adds the spans between the layers its policy evaluates (`segments.span_ranges`). The span files
-reference the blocks' weights: the first span's weights are moved into the bundle's shared weight
-file with the blocks' (`shared_weights.share_weights`), so spans add no weight bytes on disk, and
-spans added later point into that file too. A span is checked against its blocks run one after
+Every export writes the full-depth span `span_00_LL` (all blocks as one graph) and the full step
+(`full_step`: embedding, that span and the final head as one graph, a full-depth token in one
+session call), and calibration adds the spans between the layers its policy evaluates
+(`segments.span_ranges`). The merged graphs reference the weights of the graphs they merge: at
+export every weight two graphs hold is moved into the bundle's shared weight file
+(`shared_weights.share_weights`, via `reshare`), so they add no weight bytes on disk, and spans
+added later point into that file too. The full step is checked against embed -> span -> head. A span is checked against its blocks run one after
 another on random inputs (hidden state and every layer's keys and values within `TOLERANCE`). Where
 spans cannot be made (block graphs holding subgraphs) the bundle has none: the runtime runs blocks.
 """
@@ -50,19 +51,26 @@ def mergeable(bundle_dir: Path, manifest: Manifest) -> bool:
 
 
 def add_full_span(bundle_dir: Path, manifest: Manifest, threshold: int, check: bool = True) -> Manifest:
-    """Write the full-depth span into the bundle being exported in `bundle_dir`, move the blocks' weights into
-    the shared weight file, list it in the manifest (saved); a bundle whose blocks cannot be merged keeps none."""
+    """Write the full-depth span and the full step into the bundle being exported in `bundle_dir`, move every
+    weight two graphs hold into the shared weight file, list both in the manifest (saved); a bundle whose
+    blocks cannot be merged keeps neither."""
     L = manifest.num_layers
     if L < 2 or not mergeable(bundle_dir, manifest):
         return manifest
-    manifest = add_spans(bundle_dir, manifest, [(0, L - 1)], threshold, check=check, reshare=True)
-    return add_full_step(bundle_dir, manifest, check=check)
+    manifest = add_spans(bundle_dir, manifest, [(0, L - 1)], check=False)
+    manifest = add_full_step(bundle_dir, manifest, check=False)
+    manifest = reshare(bundle_dir, manifest, threshold)
+    if check:
+        check_span(bundle_dir, bundle_dir, manifest, 0, L - 1)
+        check_full_step(bundle_dir, manifest)
+    return manifest
 
 
 def add_full_step(bundle_dir: Path, manifest: Manifest, check: bool = True) -> Manifest:
     """Write `full_step.onnx` (embed -> the full-depth span -> final head at the last position, one graph: a
-    full-depth step in one session call), list it in the manifest (saved) and check it against the three
-    graphs run one after another. Its weights are the ones those graphs reference: none added on disk."""
+    full-depth step in one session call), list it first in the manifest (saved) and check it against the three
+    graphs run one after another. It references the weights those graphs keep in files; weights they hold
+    inline are copied into it until `reshare` moves them into the shared file."""
     L = manifest.num_layers
     span = manifest.spans.get((0, L - 1))
     if span is None or FULL_STEP in manifest.graphs:
@@ -70,19 +78,33 @@ def add_full_step(bundle_dir: Path, manifest: Manifest, check: bool = True) -> M
     g = manifest.graphs
     merge_full_step(bundle_dir, g["embed"].file, g[span].file, g["final_head"].file, f"{FULL_STEP}.onnx")
     spec = dataclasses.replace(graph_spec(bundle_dir, f"{FULL_STEP}.onnx"), precision=g[span].precision)
-    manifest = dataclasses.replace(manifest, graphs={**g, FULL_STEP: spec})
+    manifest = dataclasses.replace(manifest, graphs={FULL_STEP: spec, **g})  # first: see `reshare`
     manifest.save(bundle_dir)
     if check:
         check_full_step(bundle_dir, manifest)
     return manifest
 
 
-def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], threshold: int = 1 << 30, *,
-              check: bool = True, reshare: bool = False, out_dir: Optional[Path] = None) -> Manifest:
+def reshare(bundle_dir: Path, manifest: Manifest, threshold: int) -> Manifest:
+    """Move every weight two or more graphs hold into the shared weight file, rewriting the graphs (only while
+    exporting: it changes their digests); the manifest with their new specs (saved). Graphs are read in manifest
+    order, the merged ones first: they reference the blocks' own data files, which rewriting a block removes."""
+    files = dict(manifest.files)
+    shared = share_weights(bundle_dir, [spec.file for spec in manifest.graphs.values()], threshold)
+    if shared:
+        files["shared_weights"] = file_spec(bundle_dir, shared)
+    graphs = {k: dataclasses.replace(graph_spec(bundle_dir, spec.file), precision=spec.precision)
+              for k, spec in manifest.graphs.items()}
+    manifest = dataclasses.replace(manifest, graphs=graphs, files=files)
+    manifest.save(bundle_dir)
+    return manifest
+
+
+def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], *,
+              check: bool = True, out_dir: Optional[Path] = None) -> Manifest:
     """Write a span graph for every (first, last) of `ranges` the bundle lacks; returns the manifest listing them
-    (saved into `out_dir`, default `bundle_dir`). `reshare`: move the weights the spans share with the blocks
-    into the shared weight file, rewriting the block graphs (only while exporting: it changes their digests);
-    otherwise the spans point into the files the blocks read and keep the blocks' small inline tensors."""
+    (saved into `out_dir`, default `bundle_dir`). The spans point into the files the blocks read and keep the
+    blocks' small inline tensors (while exporting, `reshare` then moves what they share into the shared file)."""
     bundle_dir = Path(bundle_dir)
     out_dir = Path(out_dir) if out_dir is not None else bundle_dir
     ranges = [r for r in dict.fromkeys(ranges) if r not in manifest.spans and r[1] > r[0]]
@@ -101,20 +123,9 @@ def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], t
         name = span_name(first, last)
         files = [manifest.graphs[manifest.block_name(i)].file for i in range(first, last + 1)]
         merge_blocks(bundle_dir, files, first, f"{name}.onnx", out_dir=out_dir)
-    files = dict(manifest.files)
-    if reshare:
-        if out_dir != bundle_dir:
-            raise ExportError("spans can move the blocks' weights only inside the bundle being exported")
-        shared = share_weights(bundle_dir, [spec.file if spec else f"{k}.onnx" for k, spec in graphs.items()], threshold)
-        if shared:
-            files["shared_weights"] = file_spec(bundle_dir, shared)
-        graphs = {k: dataclasses.replace(graph_spec(bundle_dir, f"{k}.onnx" if spec is None else spec.file),
-                                         precision=spec.precision if spec else precision)
-                  for k, spec in graphs.items()}
-    else:
-        graphs = {k: spec if spec is not None else dataclasses.replace(graph_spec(out_dir, f"{k}.onnx"), precision=precision)
-                  for k, spec in graphs.items()}
-    manifest = dataclasses.replace(manifest, graphs=graphs, files=files)
+    graphs = {k: spec if spec is not None else dataclasses.replace(graph_spec(out_dir, f"{k}.onnx"), precision=precision)
+              for k, spec in graphs.items()}
+    manifest = dataclasses.replace(manifest, graphs=graphs)
     manifest.save(out_dir)
     if check:
         for first, last in ranges:
