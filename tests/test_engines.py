@@ -242,7 +242,7 @@ def test_engine_build_is_staged_and_a_failure_keeps_the_old_engines(tmp_path, st
     directory = fake_build(bundle)
     record = json.loads((directory / "engine.json").read_text())
     assert record["manifest_digest"] == manifest_digest(bundle) and set(record["graphs"]) == (
-        set(Manifest.load(bundle).graphs) - set(Manifest.load(bundle).spans.values()))  # TensorRT runs single blocks
+        set(Manifest.load(bundle).graphs) - Manifest.load(bundle).merged_graphs)  # TensorRT runs single blocks
     assert DECIDER not in record["graphs"]  # not calibrated
     assert {"trtexec.sh", "timing.cache", "block_00.plan"} <= {p.name for p in directory.iterdir()}
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
@@ -434,7 +434,7 @@ def test_recipes_only_without_a_gpu(tmp_path, stories_bundle, manifest):
     script = (out / "trtexec.sh").read_text()
     commands = script.split("\n\n")[1:]
     commands = [c for c in commands if c.startswith("trtexec")]
-    assert len(commands) == len(manifest.graphs) - len(manifest.spans)  # no engines for span graphs
+    assert len(commands) == len(manifest.graphs) - len(manifest.merged_graphs)  # no engines for spans or the full step
     block = next(c for c in commands if "block_00.onnx" in c)
     assert block.count("--minShapes=") == 2 and block.count("--maxShapes=") == 2
     assert "past_key:1x4x0x8" in block and "past_key:2x4x127x8" in block and "attention_mask:2x128" in block

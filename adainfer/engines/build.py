@@ -78,7 +78,7 @@ def write_engines(root: Path, manifest: Manifest, options: BuildOptions, device:
     from .decider import bundle_folded_policy, write_bundle_decider
 
     with staged_directory(target, force=True, error=EngineError) as staging:
-        spans = set(manifest.spans.values())  # the tensorrt backend runs single blocks
+        spans = manifest.merged_graphs  # the tensorrt backend runs single blocks (no span, no full step)
         jobs = [(graph, spec, root / spec.file) for graph, spec in manifest.graphs.items() if graph not in spans]
         decider = write_bundle_decider(root, manifest, staging)
         if decider is not None:

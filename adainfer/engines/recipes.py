@@ -62,7 +62,7 @@ def recipe_text(bundle_root: Path, manifest: Manifest, options: BuildOptions, on
              "# fp16 bundle, int8 from explicit Q/DQ nodes), as `adainfer build-engines` builds them.",
              "set -e", 'cd "$(dirname "$0")"', ""]
     graphs = [(graph, spec, Path(bundle_root) / spec.file, f"{onnx_prefix}/{spec.file}")
-              for graph, spec in manifest.graphs.items() if graph not in manifest.spans.values()]
+              for graph, spec in manifest.graphs.items() if graph not in manifest.merged_graphs]
     if decider is not None:
         graphs.append((DECIDER, decider[0], decider[1], decider[0].file))
         lines[-3:-3] = ["# exit_decider: the calibrated exit decision on the device (the folded exit head, cos_prev,",

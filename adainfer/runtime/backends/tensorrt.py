@@ -97,7 +97,7 @@ def load_engines(trt, bundle: Bundle, stream) -> tuple[dict, dict]:
     directory, record = find_engines(bundle.root, cuda_rt.device_info())
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engines = {}
-    blocks_only = [g for g in bundle.manifest.graphs if g not in bundle.manifest.spans.values()]  # no span engines
+    blocks_only = [g for g in bundle.manifest.graphs if g not in bundle.manifest.merged_graphs]  # no span or full-step engines
     for graph in [*blocks_only, *([DECIDER] if DECIDER in record["graphs"] else [])]:
         if graph not in record["graphs"]:
             raise EngineError(f"the engine record has no {graph}; rebuild with `adainfer build-engines {bundle.root}`")
