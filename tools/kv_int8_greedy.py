@@ -13,7 +13,8 @@ token) each new cache position is replaced by its int8 round trip (so the curren
 exact key/value; the fused int8 kernel attends to its quantized one, a small difference):
 
 - `static-M`: GroupQueryAttention's static per-channel scales (`M` x max |x| on the calibration text, the
-  exporter's own `kv_cache.calibration_absmax`); `static-rest-M`: the same without the first position of each
+  exporter's own `kv_cache.calibration_absmax`); `static-K-M` / `static-V-M`: only keys / only values
+  quantized that way (the other exact), to see which error dominates; `static-rest-M`: the same without the first position of each
   story (clips the first token's outliers); `static-p99.9-M`: the 99.9th percentile instead of the max;
 - `token`: a scale per token and KV head (absmax / 127), what the fused kernel cannot do; `token-K` / `token-V`:
   only keys / only values quantized that way; `fp16`: a float16 cache, for scale.
@@ -79,9 +80,9 @@ def round_trip(scale):
     return lambda x: (np.clip(np.rint(x / scale), -128, 127) * scale).astype(np.float32)
 
 
-def static_scheme(k_max, v_max, margin):
+def static_scheme(k_max, v_max, margin, kinds="kv"):
     ks, vs = (np.maximum(a * margin / 127, 1e-8).astype(np.float32)[:, None, :, None, :] for a in (k_max, v_max))
-    return lambda x, layer, kind: round_trip((ks if kind == "k" else vs)[layer])(x)
+    return lambda x, layer, kind: round_trip((ks if kind == "k" else vs)[layer])(x) if kind in kinds else x
 
 
 def token_scheme(kinds="kv"):
@@ -127,9 +128,10 @@ def schemes(names, stats):
         elif name.startswith("token"):
             out[name] = token_scheme({"token": "kv", "token-K": "k", "token-V": "v"}[name])
         elif name.startswith("static-"):
-            parts = name.split("-")
+            parts = name.split("-")  # static[-K|-V][-rest|-p99.9]-MARGIN
+            kinds = parts.pop(1).lower() if parts[1] in ("K", "V") else "kv"
             which = parts[1] if len(parts) == 3 else "max"
-            out[name] = static_scheme(*stats[which], float(parts[-1]))
+            out[name] = static_scheme(*stats[which], float(parts[-1]), kinds)
         else:
             raise SystemExit(f"unknown scheme {name!r}")
     return out
@@ -151,7 +153,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fp32", type=Path, required=True)
     ap.add_argument("--int8", type=Path)
-    ap.add_argument("--schemes", nargs="*", default=["static-1.2", "static-1.0", "static-rest-1.2",
+    ap.add_argument("--schemes", nargs="*", default=["static-1.2", "static-K-1.2", "static-V-1.2", "static-1.0", "static-rest-1.2",
                                                      "static-p99.9-1.1", "token", "token-K", "token-V", "fp16"])
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--out", type=Path, default=Path("docs/quant/kv_int8_greedy"))
