@@ -188,7 +188,9 @@ def main() -> None:
 
     gaps = {name: {"tokens": len(r[0]), "smallest_gaps": [round(float(g), 4) for g in np.sort(r[2])[:3]],
                    "at_steps": [int(i) for i in np.argsort(r[2])[:3]]} for name, r in reference.items()}
-    lines = ["| contender | identical / 5 | max \\|Δlogit\\| (teacher-forced) | median | per prompt: first difference (fp32 gap there) |",
+    lines = ["# int8 KV cache vs float32 greedy text, SmolLM2-135M-Instruct (written by `tools/kv_int8_greedy.py`; "
+             "discussion: [README.md](README.md#the-int8-kv-cache-adainfer-export---kv-int8))", "",
+             "| contender | identical / 5 | max \\|Δlogit\\| (teacher-forced) | median | per prompt: first difference (fp32 gap there) |",
              "|---|---|---|---|---|"]
     for scheme, per in rows.items():
         cells = "; ".join("=" if r["identical"] else f"step {r['first_difference']} ({r['fp32_gap_there']})"
