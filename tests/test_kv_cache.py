@@ -131,6 +131,29 @@ def test_generation_modes_with_an_int8_cache(bundles):
     assert agree == agree_early == len(PROMPTS)  # stories260K: the int8 cache keeps the float32 greedy text
 
 
+def test_the_int8_full_step_appends_in_place_as_the_int8_blocks_do(bundles):
+    """An int8-KV bundle has a full step too (merged from its int8-cache blocks); the cpu backend runs it with
+    the int8 cache appended in place (GroupQueryAttention writes it), and gets the blocks' logits and cache."""
+    _, int8 = bundles
+    m = Manifest.load(int8)
+    assert "full_step" in m.graphs
+    fast, plain = rt.load(int8, threads=1), rt.load(int8, threads=1, spans=False)
+    assert fast.backend.in_place and not plain.backend.runs_full_step
+    ids = fast.tokenizer.encode(PROMPTS[0])
+    (state_a, logits_a), (state_b, logits_b) = fast.start([ids]), plain.start([ids])
+    for step in range(12):
+        assert np.abs(logits_a - logits_b).max() <= 1e-4, step
+        token = int(logits_b[0].argmax())
+        logits_a, logits_b = fast.step(state_a, [token]), plain.step(state_b, [token])
+    assert state_a.in_place is not None and fast.session_calls["full_step"] == 13
+    for layer in range(fast.num_layers):
+        (ka, va), (kb, vb) = state_a.layer(layer), state_b.layer(layer)
+        assert ka.dtype == va.dtype == np.int8 and ka.shape == kb.shape == (1, m.num_kv_heads, len(ids) + 12, m.head_dim)
+        # one graph or five may round a key differently by one ulp before the encoding: at most one step apart
+        assert np.abs(ka.astype(np.int16) - kb).max() <= 1 and np.abs(va.astype(np.int16) - vb).max() <= 1
+        assert (ka != kb).mean() <= 0.01 and (va != vb).mean() <= 0.01
+
+
 def test_generic_blocks_and_unfused_families_refuse_an_int8_cache(tmp_path):
     with pytest.raises(ExportError, match="--generic-blocks keeps a float32 cache"):
         export(DEFAULT_MODEL_DIR, tmp_path / "a", kv="int8", fused=False, progress=False)

@@ -1,10 +1,15 @@
 """`--kv int8` on the real model (SmolLM2-135M-Instruct from its Q4_1 GGUF): perplexity within 1% of the float32
-cache on held-out TinyStories and on AG News article text, a quarter of the bytes per token, and greedy text
-that follows the float32 cache's wherever float32's own choice is not a near tie.
+cache on held-out TinyStories and on AG News article text, a quarter of the bytes per token, and greedy text over
+48 tokens on the 5 prompts of tests/test_smollm2.py (the chat question through the chat template) checked at every
+step against the float32 cache's.
 
-Why not "identical 48 greedy tokens on every prompt": teacher-forcing the float32 greedy text through the int8
-cache moves the logits by up to ~2.3 (logits up to ~39), and float32's top-2 gap falls below 0.07 on 3 of the 5
-prompts within 48 tokens; there the int8 cache picks the other token (measured: identical for 2 of 5 prompts).
+Why not "identical 48 greedy tokens on every prompt": float32's own top-2 gap falls to 0.015-0.082 logits on
+every one of the 5 prompts within 48 tokens (0.0149 at step 6 of "The theory of relativity says that"), while the
+int8 cache moves the logits by up to 2.3 (median 0.53; logits up to ~39). Measured with
+`tools/kv_int8_greedy.py` (docs/quant/kv_int8_greedy.md): this bundle's greedy text equals float32's on 2 of 5
+prompts and switches only at steps whose float32 gap is 0.048, 0.063, 0.069; no int8 scheme measured keeps all 5
+(static scales with other margins or clipping: 0-2 of 5; a scale per token and head, which the fused kernel
+cannot hold: 4 of 5, max error 0.96); a float16 cache (max error 0.019) does.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from adainfer.exporter.kv_cache import convert_kv_bundle
 from test_smollm2 import CAPITAL_QUESTION, GREEDY_PROMPTS
 
 AG_NEWS = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news_test.csv"
-#: float32's top-1 must be kept wherever its margin over the second token is at least this (logits); measured: the
-#: int8 cache (per-channel, margin 1.2) flips only steps whose float32 gap is below 0.07
-NEAR_TIE = 0.25
+#: the int8 cache's top-1 must be a token float32 rates within this of its best (logits), at every step; measured:
+#: the int8 cache (per-channel, margin 1.2) picks another token only where float32's top-2 gap is 0.048-0.069
+NEAR_TIE = 0.1
+#: |int8 logit - float32 logit|, teacher-forced on float32's greedy text; measured: at most 2.29 on the 5 prompts
+LOGIT_TOLERANCE = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +60,42 @@ def test_kv8_perplexity_on_ag_news_text(kv8, smollm2_bundle, smollm2_hf):
     assert int8_cache["top1_agreement"] >= 0.95
 
 
-@pytest.mark.parametrize("prompt", GREEDY_PROMPTS + [CAPITAL_QUESTION])
-def test_kv8_greedy_follows_float32_until_a_near_tie(kv8, smollm2_bundle, prompt):
-    out, _ = kv8
-    fp32, int8 = rt.load(smollm2_bundle), rt.load(out)
-    ids = fp32.tokenizer.encode(prompt)
-    state32, logits32 = fp32.start([ids])
-    state8, logits8 = int8.start([ids])
+def _greedy(model, ids, stops, forced=None):
+    """Greedy 48 tokens (stopping at an end of turn), or teacher-forced on `forced`: (tokens chosen, logits)."""
+    state, logits = model.start([ids])
+    chosen, steps = [], []
     for step in range(48):
-        top = np.sort(logits32[0])[-2:]
-        token32, token8 = int(logits32[0].argmax()), int(logits8[0].argmax())
-        if top[1] - top[0] < NEAR_TIE:
-            break  # a near tie in float32: either token is the model's answer
-        assert token8 == token32, f"step {step}: float32 margin {top[1] - top[0]:.3f}"
-        logits32, logits8 = fp32.step(state32, [token32]), int8.step(state8, [token8])
-    assert state8.keys[0].dtype == np.int8 and state32.keys[0].dtype == np.float32
-    assert step >= 1  # at least the first token was compared (measured: 1 to 48 steps before a near tie)
+        steps.append(logits[0].copy())
+        chosen.append(int(logits[0].argmax()))
+        nxt = chosen[-1] if forced is None else forced[step]
+        if nxt in stops or (forced is not None and step + 1 == len(forced)):
+            break
+        logits = model.step(state, [nxt])
+    assert state.keys[0].dtype == model.manifest.kv_dtype
+    return chosen, np.array(steps)
+
+
+@pytest.mark.parametrize("prompt", GREEDY_PROMPTS + [CAPITAL_QUESTION])
+def test_kv8_greedy_48_tokens_against_float32(kv8, smollm2_bundle, prompt):
+    """Every one of float32's 48 greedy steps (the chat prompt through its template, to its end of turn), the int8
+    cache teacher-forced on float32's tokens: logits within LOGIT_TOLERANCE, and the int8 top-1 always a token
+    float32 itself rates within NEAR_TIE of its best; free-running, the int8 text equals float32's up to the first
+    step where float32's top-2 gap is below NEAR_TIE (exact identity over 48 tokens: see the module docstring)."""
+    out, _ = kv8
+    fp32, int8 = rt.load(smollm2_bundle, threads=1), rt.load(out, threads=1)
+    chat = prompt == CAPITAL_QUESTION
+    ids = rt.conversation.prompt_ids(fp32, prompt) if chat else fp32.tokenizer.encode(prompt)
+    stops = rt.conversation.stop_ids(fp32)
+    tokens32, logits32 = _greedy(fp32, ids, stops)
+    assert len(tokens32) == 48 or (chat and tokens32[-1] in stops)
+    _, forced8 = _greedy(int8, ids, stops, forced=tokens32)
+    assert forced8.shape == logits32.shape
+    assert np.abs(forced8 - logits32).max() <= LOGIT_TOLERANCE
+    best = logits32.max(axis=1)
+    picked = logits32[np.arange(len(tokens32)), forced8.argmax(axis=1)]  # float32's logit of the int8 top-1
+    assert (best - picked).max() < NEAR_TIE, f"steps {np.flatnonzero(best - picked >= NEAR_TIE).tolist()}"
+    tokens8, _ = _greedy(int8, ids, stops)
+    top2 = np.sort(logits32, axis=1)[:, -2:]
+    near = np.flatnonzero(top2[:, 1] - top2[:, 0] < NEAR_TIE)
+    first_tie = int(near[0]) if len(near) else len(tokens32)
+    assert tokens8[:first_tie] == tokens32[:first_tie]
