@@ -61,10 +61,13 @@ def test_gqa_geometry_recorded(tmp_path):
 def test_external_data_for_large_graphs(tmp_path):
     model = tiny_model("llama")
     manifest = export_model(model, tmp_path / "b", external_data_threshold=0)
-    for name in ["block_00", "embed", manifest.spans[(0, manifest.num_layers - 1)]]:
+    for name in ["block_00", manifest.spans[(0, manifest.num_layers - 1)]]:
         spec = manifest.graphs[name]
         assert [d.file for d in spec.data_files] == [f"{name}.onnx.data"]
-    assert (tmp_path / "b" / "embed.onnx.data").stat().st_size > manifest.graphs["embed"].size
+    # the embedding table is also the full step's: stored once, in the shared file both reference
+    table = model.model.embed_tokens.weight.detach().numpy().astype(np.float32)
+    assert manifest.graphs["embed"].data_files == []
+    assert (tmp_path / "b" / "shared_weights.bin").read_bytes().count(table.tobytes()) == 1
     # a block's large weights are also the full-depth span's: stored once, in the shared file both reference
     locations = {e.value for t in onnx.load(str(tmp_path / "b" / "block_00.onnx"), load_external_data=False).graph.initializer
                  for e in t.external_data if e.key == "location"}
