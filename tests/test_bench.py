@@ -79,6 +79,20 @@ def test_bench_stories260k_json(tmp_path):
     assert "| `monolithic` |" in stdout
 
 
+def test_bench_runs_the_global_pool_chain_in_a_process_of_its_own(tmp_path):
+    out = tmp_path / "bench.json"
+    code, _, stderr = run_cli("adainfer", "bench", "--json", str(out), "--repeats", "1", "--warmup", "0",
+                              "--decode-tokens", "4", "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
+                              "--contenders", "chain_full,chain_global,chain_global_exit@2", "--no-peers", timeout=600)
+    assert code == 0, stderr
+    result = json.loads(out.read_text())
+    rows = result["contenders"]
+    assert {n: rows[n]["thread_pool"] for n in rows} == {
+        "chain_full": "per-session", "chain_global": "global", "chain_global_exit@2": "global"}
+    assert rows["chain_global"]["memory"]["peak_mb"] > 0 and rows["chain_global_exit@2"]["layers"] == 2
+    assert set(result["ratios"]["forced_exit_over_own_full_decode"]["chain_global"]) == {"2"}
+
+
 def test_bench_refuses_unknown_shape(tmp_path):
     code, _, stderr = run_cli("adainfer", "bench", "--shape", "huge", "--json", str(tmp_path / "x.json"))
     assert code == 2

@@ -49,6 +49,10 @@ def main() -> int:
             if "transformers" in spec["names"]:
                 import torch  # noqa: F401
                 import transformers  # noqa: F401
+        if spec.get("thread_pool") == "global":  # before any session exists (runtime/sessions.py)
+            from ..runtime.sessions import use_global_thread_pool
+
+            use_global_thread_pool(spec["threads"])
         baseline = _status_mb("VmRSS")
         from .contenders import build_specs
         from .measure import time_decode, time_prefill
@@ -74,6 +78,10 @@ def main() -> int:
             _reply({"peak_mb": _status_mb("VmHWM"), "baseline_mb": baseline, "loaded_mb": loaded})
         elif op == "info":
             info = {}
+            if spec["kind"] == "ours":  # which ONNX Runtime thread pool the process's sessions really use
+                from ..runtime.sessions import global_thread_pool
+
+                info["thread_pool"] = "per-session" if global_thread_pool() is None else "global"
             if getattr(contender, "exit_layers", None):
                 info["prefill_exit_layers"] = contender.exit_layers[-50:]
             if getattr(contender, "layers_per_token", None):

@@ -44,7 +44,8 @@ def register(sub) -> None:
                    help=f"our chain's precisions, comma-separated (default {','.join(PRECISIONS)})")
     p.add_argument("--contenders", default=None,
                    help="only these contenders, comma-separated names (e.g. chain_full,chain_int4,genai_int4,llamacpp); "
-                        "span_<precision> (the blocks as one graph) and chain_<precision>_exit@K run only when named")
+                        "span_<precision> (the blocks as one graph), chain_<precision>_exit@K and chain_global[_exit@K] "
+                        "(the chain with ONNX Runtime's global thread pool) run only when named")
     p.add_argument("--peer-python", default=None, metavar="PYTHON",
                    help="interpreter that runs onnxruntime-genai and llama.cpp (default: this one)")
     p.add_argument("--no-peers", action="store_true", help="leave out onnxruntime-genai and llama.cpp")
@@ -63,8 +64,8 @@ def _wanted(args):
             return not args.no_transformers
         if name.startswith(("genai_", "llamacpp")):
             return not args.no_peers
-        if name.startswith("span_") or ("_exit@" in name and not name.startswith("chain_exit@")):
-            return False  # spans and a converted bundle's forced exits: only when named in --contenders
+        if name.startswith(("span_", "chain_global")) or ("_exit@" in name and not name.startswith("chain_exit@")):
+            return False  # spans, the global-pool chain and a converted bundle's forced exits: only when named
         return name != "monolithic_spinning"
 
     return wanted
@@ -119,8 +120,9 @@ def main(args) -> int:
     notes, unavailable = [], {}  # unavailable: name -> {"status", "reason"}
     groups = []  # (names, spec, python, size on disk in bytes, {name: layers})
 
-    def ours(names, path, size):
-        groups.append((names, {"kind": "ours", "names": names, "path": str(path), "threads": threads}, sys.executable,
+    def ours(names, path, size, thread_pool="per-session"):
+        groups.append((names, {"kind": "ours", "names": names, "path": str(path), "threads": threads,
+                               "thread_pool": thread_pool}, sys.executable,
                        size, {n: (int(n.split("@")[1]) if "@" in n else L) for n in names}))
 
     if wanted("transformers"):
@@ -172,6 +174,9 @@ def main(args) -> int:
                      "the prompt's forward; its layers column is the mean blocks run per decoded token.")
     if chain:
         ours(chain, bundle, bundle_size(bundle))
+    pooled = [n for n in ["chain_global", *(f"chain_global_exit@{k}" for k in forced)] if wanted(n)]
+    if pooled:  # the same chain in a process whose sessions share ONNX Runtime's global (spinning) thread pool
+        ours(pooled, bundle, bundle_size(bundle), thread_pool="global")
     for precision in precisions[1:]:
         name = f"chain_{precision}"
         if not wanted(name):
@@ -235,6 +240,8 @@ def main(args) -> int:
             row["prefill_exit_layers"] = info["prefill_exit_layers"]
         if info.get("layers_per_token"):
             row["layers"] = round(sum(info["layers_per_token"]) / len(info["layers_per_token"]), 2)
+        if info.get("thread_pool"):
+            row["thread_pool"] = info["thread_pool"]
         rows[c.name] = row
     for name, why in unavailable.items():
         rows[name] = {**why, "layers": L}
