@@ -28,14 +28,15 @@ def register(sub) -> None:
                    help="keep the most recent tokens of a prompt too long for the model (default: refuse it)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--thread-pool", choices=("per-session", "global"), default="per-session",
-                   help="ONNX Runtime threads: one sleeping pool per session (default: measured 2x faster than the "
-                        "global pool with any other load on 2 cores), or ONNX Runtime's global pool shared by all the "
-                        "bundle's sessions, whose workers spin while a graph runs (possibly faster on an idle machine): "
-                        "docs/bench/chain-vs-genai.md")
+                   help="ONNX Runtime threads: one pool per session (default; only the full step's spins: fastest at "
+                        "full depth), or ONNX Runtime's global pool shared by all the bundle's sessions, whose workers "
+                        "spin for every graph: on an idle machine forced exits ran 2-19%% faster with it and full depth "
+                        "13%% slower (README, SmolLM2 bench); with other load on the cores it lost 2-5x")
     p.add_argument("--spin", choices=("auto", "on", "off"), default="auto",
                    help="ONNX Runtime's spin-waiting threads (cpu backend): auto (default) for the full step's session "
                         "only, the one graph a full-depth token runs; off on a machine busy with other work, where "
-                        "spinning threads cost more than they save")
+                        "spinning threads cost more than they save (per-session pools only: the global pool's workers "
+                        "spin whatever this says)")
     p.add_argument("--backend", choices=("cpu", "cpu-iobinding", "ort-cuda", "ort-trt", "tensorrt", "onnxruntime"),
                    default="cpu", help="runtime: ONNX Runtime on the CPU (default; 'onnxruntime' is the older name), the "
                    "same with I/O binding, ONNX Runtime's CUDA / TensorRT providers, or TensorRT engines "
