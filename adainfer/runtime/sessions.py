@@ -1,14 +1,14 @@
-"""ONNX Runtime sessions, one per graph, with options suited to many small graphs (no spin-waiting).
+"""ONNX Runtime sessions, one per graph, each with its own intra-op pool; only the full step's spins.
 
-A bundle runs one session per graph (embedding, blocks, heads, kv fills). By default each has
-its own intra-op thread pool; `use_global_thread_pool` instead makes every session of the
-process share ONNX Runtime's global pool: one set of worker threads for 30+ sessions, so a
-decode step does not wake a different pool for every block, but its workers spin while a graph
-runs. Measured on SmolLM2 (2 cores shared with other jobs, load 4-16; tools/chain_vs_genai.py,
-docs/bench/chain-vs-genai.md) the global pool was 2-5x slower than per-session pools, so those
-stay the default; on an idle machine the global pool was ~15% faster with the earlier traced
-blocks (FIELD-NOTES). ONNX Runtime fixes the global pool when its environment is created (the
-first session of the process) and then refuses sessions with their own pools, so it is a
+A bundle runs one session per graph (full step, embedding, spans, blocks, heads, kv fills). By
+default each has its own intra-op thread pool and its idle threads sleep, except the full step's
+(`backends.cpu.spins`): a full-depth token is that one session, so nothing runs between two calls
+to be spun against. `use_global_thread_pool` instead makes every session of the process share
+ONNX Runtime's global pool, whose workers spin for every graph: on SmolLM2 with nothing else
+running, forced exits (three sessions a token) were 2-19% faster with it and full depth 13% slower
+(README, bench); with other jobs on 2 cores the global pool was 2-5x slower
+(docs/bench/chain-vs-genai.md). ONNX Runtime fixes the global pool when its environment is created
+(the first session of the process) and then refuses sessions with their own pools, so it is a
 per-process choice: `adainfer run --thread-pool global`, or `use_global_thread_pool` before
 loading anything.
 """
@@ -64,8 +64,8 @@ def session_options(threads: Optional[int] = None, spinning: bool = False) -> or
     # A bundle holds one session per graph, each with its own intra-op thread pool. With ONNX
     # Runtime's default spin-waiting, the idle pools of the other graphs keep spinning while one
     # graph runs; on a few cores that made a decode step 8x slower (`adainfer bench`). Sleep instead,
-    # unless asked (`load(..., spinning=True)`): with spans a full-depth step runs 3 sessions, and on
-    # an idle machine spinning can pay; on a loaded one it costs (see the README's spans section).
+    # except where one session runs alone (the full step, `backends.cpu.spins`) or where asked
+    # (`load(..., spinning=True)`); on a loaded machine spinning costs (README, "Spans and the full step").
     spin = "1" if spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
