@@ -32,16 +32,23 @@ def _renamed(model: onnx.ModelProto, index: int, hidden_in: str) -> onnx.GraphPr
     fixed = {name: name for name in SHARED_INPUTS}
     fixed.update({"hidden_states": hidden_in, "past_key": f"past_key_{index:02d}", "past_value": f"past_value_{index:02d}",
                   "present_key": f"present_key_{index:02d}", "present_value": f"present_value_{index:02d}",
-                  "hidden_states_out": f"{prefix}hidden_states_out", "": ""})
+                  "hidden_states_out": f"{prefix}hidden_states_out"})
+
+    return prefixed(model, prefix, fixed, f"block {index}")
+
+
+def prefixed(model: onnx.ModelProto, prefix: str, keep: dict[str, str], what: str) -> onnx.GraphProto:
+    """A copy of `model`'s graph with every node, tensor and value name prefixed, except those in `keep`
+    (renamed to their value); refused for graphs holding subgraphs (merging takes flat graphs)."""
 
     def rename(name: str) -> str:
-        return fixed.get(name, prefix + name)
+        return keep.get(name, prefix + name) if name else name
 
     graph = onnx.GraphProto()
     graph.CopyFrom(model.graph)
     for node in graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise ValueError(f"block {index}: node {node.name} holds a subgraph; spans take flat block graphs")
+            raise ValueError(f"{what}: node {node.name} holds a subgraph; merged graphs take flat ones")
         node.name = prefix + node.name
         node.input[:] = [rename(n) for n in node.input]
         node.output[:] = [rename(n) for n in node.output]
@@ -120,28 +127,6 @@ def inputs_seen(inputs: list) -> set[str]:
 FULL_STEP = "full_step"
 
 
-def _prefixed(model: onnx.ModelProto, prefix: str, keep: dict[str, str]) -> onnx.GraphProto:
-    """`model`'s graph with every name prefixed, except those in `keep` (renamed to their value)."""
-    graph = onnx.GraphProto()
-    graph.CopyFrom(model.graph)
-
-    def rename(name: str) -> str:
-        return keep.get(name, prefix + name) if name else name
-
-    for node in graph.node:
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise ValueError(f"{prefix}: node {node.name} holds a subgraph; the full step takes flat graphs")
-        node.name = prefix + node.name
-        node.input[:] = [rename(n) for n in node.input]
-        node.output[:] = [rename(n) for n in node.output]
-    for t in graph.initializer:
-        t.name = rename(t.name)
-    for infos in (graph.input, graph.output, graph.value_info):
-        for v in infos:
-            v.name = rename(v.name)
-    return graph
-
-
 def _same_bytes_once(initializers: list) -> tuple[list, dict[str, str]]:
     """Initializers stored at the same external (file, offset, length) with one dtype and shape, kept once
     (a tied model's embedding table and LM head read the same bytes): the kept list and old -> kept names."""
@@ -180,10 +165,10 @@ def merge_full_step(bundle_dir: Path, embed_file: str, span_file: str, head_file
     bundle_dir = Path(bundle_dir)
     load = lambda f: onnx.load(str(bundle_dir / f), load_external_data=False)  # noqa: E731
     embed, span, head = _same_opset([load(embed_file), load(span_file), load(head_file)])
-    e = _prefixed(embed, "embed/", {"input_ids": "input_ids", "position_ids": "position_ids",
-                                    "hidden_states": "hidden_states"})
+    e = prefixed(embed, "embed/", {"input_ids": "input_ids", "position_ids": "position_ids",
+                                   "hidden_states": "hidden_states"}, "embed")
     s = span.graph
-    h = _prefixed(head, "head/", {"hidden_states": "head/rows", "logits": "logits"})
+    h = prefixed(head, "head/", {"hidden_states": "head/rows", "logits": "logits"}, "final head")
     last = helper.make_tensor("full_step/last_position", onnx.TensorProto.INT64, [], [-1])
     pick = helper.make_node("Gather", ["hidden_states_out", last.name], ["head/rows"], axis=1, name="full_step/last_rows")
     initializers, alias = _same_bytes_once([*e.initializer, *s.initializer, last, *h.initializer])

@@ -15,6 +15,7 @@ length without copying.
 from __future__ import annotations
 
 import mmap
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
@@ -109,23 +110,33 @@ def _attribute(buf, start, end, out: set, depth: int) -> None:
             _sparse(buf, s, e, out)
 
 
-def external_data_locations(path: Path) -> set[str]:
-    """The `location` of every external-data tensor in an ONNX file (empty for self-contained graphs)."""
-    out: set[str] = set()
+@contextmanager
+def _model_fields(path: Path) -> Iterator[tuple]:
+    """(buffer, [(field number, start, end) of the model's top-level fields]) of an ONNX file, mapped; no
+    fields for an empty file."""
     with open(path, "rb") as handle:
         size = handle.seek(0, 2)
         if size == 0:
-            return out
+            yield b"", []
+            return
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             buf = memoryview(mapped)
             try:
-                for number, s, e in _fields(buf, 0, size):
-                    if number == MODEL_GRAPH:
-                        _graph(buf, s, e, out, 0)
-            except _Malformed:
-                pass  # not a valid model: ONNX Runtime refuses it when the session is created
+                yield buf, _fields(buf, 0, size)
             finally:
                 buf.release()
+
+
+def external_data_locations(path: Path) -> set[str]:
+    """The `location` of every external-data tensor in an ONNX file (empty for self-contained graphs)."""
+    out: set[str] = set()
+    with _model_fields(path) as (buf, fields):
+        try:
+            for number, s, e in fields:
+                if number == MODEL_GRAPH:
+                    _graph(buf, s, e, out, 0)
+        except _Malformed:
+            pass  # not a valid model: ONNX Runtime refuses it when the session is created
     return out
 
 
@@ -160,25 +171,18 @@ def producers(path: Path) -> dict[str, str]:
     """Output name -> op type of every node in an ONNX file's main graph (read without the `onnx` package;
     empty for a file that is not a valid model)."""
     out: dict[str, str] = {}
-    with open(path, "rb") as handle:
-        size = handle.seek(0, 2)
-        if size == 0:
-            return out
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            buf = memoryview(mapped)
-            try:
-                for number, s, e in _fields(buf, 0, size):
-                    if number != MODEL_GRAPH:
+    with _model_fields(path) as (buf, fields):
+        try:
+            for number, s, e in fields:
+                if number != MODEL_GRAPH:
+                    continue
+                for n, a, b in _fields(buf, s, e):
+                    if n != GRAPH_NODE:
                         continue
-                    for n, a, b in _fields(buf, s, e):
-                        if n != GRAPH_NODE:
-                            continue
-                        fields = [(k, bytes(buf[x:y]).decode("utf-8", "replace")) for k, x, y in _fields(buf, a, b)
-                                  if k in (NODE_OUTPUT, NODE_OP_TYPE)]
-                        op = next((v for k, v in fields if k == NODE_OP_TYPE), "")
-                        out.update({v: op for k, v in fields if k == NODE_OUTPUT})
-            except _Malformed:
-                out.clear()
-            finally:
-                buf.release()
+                    named = [(k, bytes(buf[x:y]).decode("utf-8", "replace")) for k, x, y in _fields(buf, a, b)
+                             if k in (NODE_OUTPUT, NODE_OP_TYPE)]
+                    op = next((v for k, v in named if k == NODE_OP_TYPE), "")
+                    out.update({v: op for k, v in named if k == NODE_OUTPUT})
+        except _Malformed:
+            out.clear()
     return out
