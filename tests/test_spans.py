@@ -63,6 +63,24 @@ def test_span_gives_the_logits_and_every_layer_kv_of_the_chained_blocks(stories_
         assert np.max(np.abs(ka - kb)) <= 1e-5 and np.max(np.abs(va - vb)) <= 1e-5
 
 
+def test_the_exporters_full_step_check_refuses_a_full_step_that_reads_the_wrong_row(stories_bundle, tmp_path):
+    import onnx
+
+    from adainfer.errors import ExportError
+    from adainfer.exporter.span_writer import check_full_step
+
+    manifest = Manifest.load(stories_bundle)
+    assert check_full_step(stories_bundle, manifest) <= 1e-4
+    out = tmp_path / "b"
+    shutil.copytree(stories_bundle, out)
+    model = onnx.load(str(out / "full_step.onnx"), load_external_data=False)
+    last = next(t for t in model.graph.initializer if t.name == "full_step/last_position")
+    last.CopyFrom(onnx.numpy_helper.from_array(np.array(0, dtype=np.int64), last.name))  # the first row, not the last
+    onnx.save(model, str(out / "full_step.onnx"))
+    with pytest.raises(ExportError, match="full_step differs from embed -> span -> head"):
+        check_full_step(out, manifest)
+
+
 def test_the_exporters_span_check_measures_the_span_against_its_blocks(stories_bundle):
     manifest = Manifest.load(stories_bundle)
     assert check_span(stories_bundle, stories_bundle, manifest, 0, 4) <= 1e-5
