@@ -57,11 +57,6 @@ class HostKVCache(KVState):
     def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.keys[index], self.values[index]
 
-    def past(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Layer `index`'s keys and values as a graph input takes them: contiguous (ONNX Runtime reads the
-        bytes, not numpy's strides; the views of the in-place buffers are strided)."""
-        return np.ascontiguousarray(self.keys[index]), np.ascontiguousarray(self.values[index])
-
     def close(self) -> None:
         self.in_place = None
 
@@ -199,10 +194,9 @@ class CpuBackend(HostDecisions):
         return hidden
 
     def block(self, layer, hidden, position_ids, cache: HostKVCache):
-        past_key, past_value = cache.past(layer)
         hidden, cache.keys[layer], cache.values[layer] = self._run(
             self.manifest.block_name(layer), hidden_states=hidden, position_ids=position_ids,
-            attention_mask=cache.attention_mask, past_key=past_key, past_value=past_value)
+            attention_mask=cache.attention_mask, past_key=cache.keys[layer], past_value=cache.values[layer])
         return hidden
 
     def segment(self, first, last, hidden, position_ids, cache: HostKVCache):
@@ -211,7 +205,7 @@ class CpuBackend(HostDecisions):
         graph = self.manifest.spans[(first, last)]
         feeds = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": cache.attention_mask}
         for layer in range(first, last + 1):
-            feeds[f"past_key_{layer:02d}"], feeds[f"past_value_{layer:02d}"] = cache.past(layer)
+            feeds[f"past_key_{layer:02d}"], feeds[f"past_value_{layer:02d}"] = cache.keys[layer], cache.values[layer]
         out = dict(zip(self.sessions.outputs[graph], self._run(graph, **feeds)))
         for layer in range(first, last + 1):
             cache.keys[layer], cache.values[layer] = out[f"present_key_{layer:02d}"], out[f"present_value_{layer:02d}"]
@@ -235,7 +229,7 @@ class CpuBackend(HostDecisions):
             return cache.in_place.run(cache, input_ids, position_ids)
         feeds = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": cache.attention_mask}
         for layer in range(self.num_layers):
-            feeds[f"past_key_{layer:02d}"], feeds[f"past_value_{layer:02d}"] = cache.past(layer)
+            feeds[f"past_key_{layer:02d}"], feeds[f"past_value_{layer:02d}"] = cache.keys[layer], cache.values[layer]
         out = dict(zip(self.sessions.outputs[graph], self._run(graph, **feeds)))
         for layer in range(self.num_layers):
             cache.keys[layer], cache.values[layer] = out[f"present_key_{layer:02d}"], out[f"present_value_{layer:02d}"]
