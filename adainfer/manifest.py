@@ -346,20 +346,20 @@ class Manifest:
                  "logits": {-1: ("vocab_size", self.vocab_size)}}
         kv = kv_shape = {1: ("num_kv_heads", self.num_kv_heads), 3: ("head_dim", self.head_dim)}
         fixed.update({name: kv for name in ("past_key", "past_value", "present_key", "present_value")})
+        def merged(key: str, first: int, last: int, data_in: str, data_out: str) -> None:
+            """A graph merging blocks first..last: its data tensor in and out, every layer's past and present."""
+            layers = [f"{i:02d}" for i in range(first, last + 1)]
+            required[key] = ([data_in, "attention_mask"] + [f"past_{kv}_{i}" for i in layers for kv in ("key", "value")],
+                             [data_out] + [f"present_{kv}_{i}" for i in layers for kv in ("key", "value")])
+            fixed.update({f"{kind}_{kv}_{i}": kv_shape for i in layers for kind in ("past", "present")
+                          for kv in ("key", "value")})
+
         for (first, last), key in self.spans.items():
             if not first < last < self.num_layers:
                 raise BundleError(f"manifest.json: graph {key} is not a span of two or more of the {self.num_layers} blocks")
-            layers = [f"{i:02d}" for i in range(first, last + 1)]
-            required[key] = (["hidden_states", "attention_mask"] + [f"past_{kv}_{i}" for i in layers for kv in ("key", "value")],
-                             ["hidden_states_out"] + [f"present_{kv}_{i}" for i in layers for kv in ("key", "value")])
-            fixed.update({f"{kind}_{kv}_{i}": kv_shape for i in layers for kind in ("past", "present")
-                          for kv in ("key", "value")})
+            merged(key, first, last, "hidden_states", "hidden_states_out")
         if FULL_STEP in self.graphs:
-            layers = [f"{i:02d}" for i in range(self.num_layers)]
-            required[FULL_STEP] = (["input_ids", "attention_mask"] + [f"past_{kv}_{i}" for i in layers for kv in ("key", "value")],
-                                   ["logits"] + [f"present_{kv}_{i}" for i in layers for kv in ("key", "value")])
-            fixed.update({f"{kind}_{kv}_{i}": kv_shape for i in layers for kind in ("past", "present")
-                          for kv in ("key", "value")})
+            merged(FULL_STEP, 0, self.num_layers - 1, "input_ids", "logits")
         spans = self.merged_graphs  # checked last: a geometry error names the graph they merge
         for key, graph in sorted(self.graphs.items(), key=lambda item: item[0] in spans):
             needed = block_io if key in self.block_names else required.get(key, ([], []))

@@ -183,8 +183,12 @@ def check_full_step(bundle_dir: Path, manifest: Manifest) -> float:
     rng = np.random.default_rng(L)
     kv = np.dtype(m.kv_dtype)
 
+    sessions: dict = {}
+
     def run(graph: str, feeds: dict) -> dict:
-        session = make_session(Path(bundle_dir) / m.graphs[graph].file, threads=1)
+        if graph not in sessions:  # one session per graph for both cases (the span and full step are large)
+            sessions[graph] = make_session(Path(bundle_dir) / m.graphs[graph].file, threads=1)
+        session = sessions[graph]
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, {n.name: feeds[n.name] for n in session.get_inputs()})))
 
