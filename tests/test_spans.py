@@ -170,6 +170,17 @@ def test_a_span_graph_with_a_wrong_interface_is_refused(stories_bundle, tmp_path
         rt.load(out)
 
 
+def test_a_full_step_with_a_wrong_interface_is_refused(stories_bundle, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(stories_bundle, out)
+    data = json.loads((out / "manifest.json").read_text())
+    full = data["graphs"]["full_step"]
+    full["inputs"] = [t for t in full["inputs"] if t["name"] != "past_key_03"]
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="full_step.inputs has no past_key_03"):
+        rt.load(out)
+
+
 def test_spans_do_not_change_the_manifest_digest(stories_bundle):
     manifest = Manifest.load(stories_bundle)
     from adainfer.exporter.span_writer import without_spans
