@@ -34,6 +34,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from decode_args import add_decode_args  # noqa: E402
 
 
 def worker(bundle: Path, mode: str, threads: int, tokens: int, prompt_tokens: int, exits: list[int]) -> None:
@@ -42,7 +44,6 @@ def worker(bundle: Path, mode: str, threads: int, tokens: int, prompt_tokens: in
     from onnxruntime.capi import _pybind_state
 
     if bundle.suffix == ".onnx":  # a whole-model graph (genai's model.onnx, our model.onnx): tools/graph_profile.py
-        sys.path.insert(0, str(ROOT / "tools"))
         from graph_profile import Graph
 
         graph = Graph(bundle, threads, spinning=mode == "spin")
@@ -187,10 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="per-session,global-nospin,global-spin,per-session+iobind,global-spin+iobind",
                    help="for bundles (see above); a .onnx graph runs once per mode as 'spin' if the mode says spin, "
                         "else without spinning")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    add_decode_args(p, repeats=3)
     p.add_argument("--exits", default="")
     p.add_argument("--json", type=Path)
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)

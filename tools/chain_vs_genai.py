@@ -35,6 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from decode_args import add_decode_args  # noqa: E402
 
 from adainfer.bench.contenders import EarlyExit  # noqa: E402
 from adainfer.paths import HELDOUT_TEXT  # noqa: E402
@@ -137,10 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("genai", type=Path)
     p.add_argument("--hf", type=Path, required=True, help="the Hugging Face directory both were made from")
     p.add_argument("--peer-python", default="/work/cache/peers-venv/bin/python")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
+    add_decode_args(p, repeats=5)
     p.add_argument("--exits", default="8,15,22")
     p.add_argument("--rss-tokens", type=int, default=16)
     p.add_argument("--no-rss", action="store_true")

@@ -28,6 +28,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from decode_args import add_decode_args  # noqa: E402
 
 import onnxruntime as ort  # noqa: E402
 
@@ -122,9 +124,7 @@ def decode_feeds(model, past: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--prompt-tokens", type=int, default=16)
+    add_decode_args(p, repeats=None)
     p.add_argument("--runs", type=int, default=200, help="profiled runs per graph")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)

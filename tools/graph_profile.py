@@ -28,6 +28,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from decode_args import add_decode_args  # noqa: E402
 
 import onnxruntime as ort  # noqa: E402
 
@@ -90,10 +92,7 @@ def per_op(profile: Path, steps: int) -> dict[str, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("graphs", nargs="+", help="NAME=MODEL.onnx; NAME ending in '+spin': spin-waiting threads")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    add_decode_args(p, repeats=3)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

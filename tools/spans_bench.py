@@ -25,6 +25,7 @@ from statistics import median
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+from decode_args import add_decode_args  # noqa: E402
 
 import adainfer.runtime as rt  # noqa: E402
 from backend_compare import decode_run  # noqa: E402
@@ -38,9 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("bundle", type=Path)
     p.add_argument("--genai", type=Path, default=None)
     p.add_argument("--peer-python", default="/work/cache/peers-venv/bin/python")
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    add_decode_args(p, repeats=3, prompt_tokens=False)
     p.add_argument("--contenders", default="spans,spans-nospin,blocks,genai")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
