@@ -5,9 +5,9 @@
                                 [--threads 2] [--peer-python /work/cache/peers-venv/bin/python] [--json OUT]
 
 Contenders, each timed once per repeat in a rotated order (interleaved), after one warm-up each:
-`spans` (the runtime's default: the full step, one graph per token, its session's threads spinning),
-`spans-nospin` (the same, no thread spins: `load(..., spinning=False)`), `blocks` (`load(..., spans=False)`:
-every block its own session call), `blocks+spin` (`spinning=True`), and `genai` (onnxruntime-genai in a
+`spans` (the runtime's default: the full step, one graph per token, its session's threads spinning while
+it runs), `spans-nospin` (the same, no thread spins: `load(..., spinning=False)`), `blocks` and `blocks+spin`
+(`load(..., spans=False)`: every block its own session call; both spin while each session runs), and `genai` (onnxruntime-genai in a
 peer process, tools/genai_peer.py, with its default spinning threads). Greedy decode of --tokens tokens after a
 16-token prompt; decode ms/token excludes the prefill. Prints medians, ratios to genai, the load average
 before and after, and writes JSON. Compare ratios from one run only.
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     models = {}
     for name in names:
         if name != "genai":
-            spinning = True if name.endswith("+spin") else False if name.endswith("-nospin") else None
+            spinning = not name.endswith("-nospin")
             models[name] = rt.load(args.bundle, threads=args.threads, spans=name.startswith("spans"), spinning=spinning)
     tokenizer_model = next(iter(models.values()))
     ids = tokenizer_model.encode(PROMPT)[:16]

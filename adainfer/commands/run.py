@@ -28,15 +28,14 @@ def register(sub) -> None:
                    help="keep the most recent tokens of a prompt too long for the model (default: refuse it)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--thread-pool", choices=("per-session", "global"), default="per-session",
-                   help="ONNX Runtime threads: one pool per session (default; only the full step's spins: fastest at "
-                        "full depth), or ONNX Runtime's global pool shared by all the bundle's sessions, whose workers "
-                        "spin for every graph: on an idle machine forced exits ran 2-19%% faster with it and full depth "
+                   help="ONNX Runtime threads: one pool per session (default; each spins while its session "
+                        "runs), or ONNX Runtime's global pool shared by all the bundle's sessions, whose workers spin for every graph: on an idle machine forced exits ran 2-19%% faster with it and full depth "
                         "13%% slower (README, SmolLM2 bench); with other load on the cores it lost 2-5x")
-    p.add_argument("--spin", choices=("auto", "on", "off"), default="auto",
-                   help="ONNX Runtime's spin-waiting threads (cpu backend): auto (default) for the full step's session "
-                        "only, the one graph a full-depth token runs; off on a machine busy with other work, where "
-                        "spinning threads cost more than they save (per-session pools only: the global pool's workers "
-                        "spin whatever this says)")
+    p.add_argument("--spin", choices=("on", "off"), default=None,
+                   help="ONNX Runtime's spin-waiting threads (cpu backend): on (default) lets each session's threads "
+                        "spin while it runs, off keeps them asleep: for a machine busy with other work, where spinning "
+                        "threads cost more than they save (per-session pools only: the global pool's workers spin "
+                        "whatever this says)")
     p.add_argument("--backend", choices=("cpu", "cpu-iobinding", "ort-cuda", "ort-trt", "tensorrt", "onnxruntime"),
                    default="cpu", help="runtime: ONNX Runtime on the CPU (default; 'onnxruntime' is the older name), the "
                    "same with I/O binding, ONNX Runtime's CUDA / TensorRT providers, or TensorRT engines "
@@ -73,10 +72,10 @@ def main(args) -> int:
         from ..runtime.sessions import use_global_thread_pool
 
         use_global_thread_pool(args.threads)
-    spinning = {"auto": None, "on": True, "off": False}[args.spin]
-    if backend != "cpu" and spinning is not None:
+    if backend != "cpu" and args.spin is not None:
         raise InputError(f"--spin applies to the cpu backend only (got --backend {backend})")
-    model = load(bundle, threads=args.threads, backend=backend, spinning=spinning)
+    spinning = {} if args.spin is None else {"spinning": args.spin == "on"}
+    model = load(bundle, threads=args.threads, backend=backend, **spinning)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop_at_eos=not args.no_stop_at_eos, truncate=args.truncate_prompt,
                    mode=args.mode, max_draft=args.max_draft)

@@ -1,9 +1,10 @@
-"""ONNX Runtime sessions, one per graph, each with its own intra-op pool; only the full step's spins.
+"""ONNX Runtime sessions, one per graph, each with its own intra-op pool that spins only while it runs.
 
 A bundle runs one session per graph (full step, embedding, spans, blocks, heads, kv fills). By
-default each has its own intra-op thread pool and its idle threads sleep, except the full step's
-(`backends.cpu.spins`): a full-depth token is that one session, so nothing runs between two calls
-to be spun against. `use_global_thread_pool` instead makes every session of the process share
+default each has its own intra-op thread pool whose threads spin-wait between the operators of a
+run and stop spinning when the run returns (`session_options`), so sessions run one after another
+(an early exit: embed, span, exit head) do not spin against each other. `use_global_thread_pool`
+instead makes every session of the process share
 ONNX Runtime's global pool, whose workers spin for every graph: on SmolLM2 with nothing else
 running, forced exits (three sessions a token) were 2-19% faster with it and full depth 13% slower
 (README, bench); with other jobs on 2 cores the global pool was 2-5x slower
@@ -61,14 +62,16 @@ def session_options(threads: Optional[int] = None, spinning: bool = False) -> or
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    # A bundle holds one session per graph, each with its own intra-op thread pool. With ONNX
-    # Runtime's default spin-waiting, the idle pools of the other graphs keep spinning while one
-    # graph runs; on a few cores that made a decode step 8x slower (`adainfer bench`). Sleep instead,
-    # except where one session runs alone (the full step, `backends.cpu.spins`) or where asked
-    # (`load(..., spinning=True)`); on a loaded machine spinning costs (README, "Spans and the full step").
+    # A bundle holds one session per graph, each with its own intra-op thread pool. With ONNX Runtime's
+    # default spin-waiting, a pool keeps spinning after its graph returns, against the next session's
+    # graph: on a few cores that made a decode step 8x slower (`adainfer bench`). So a spinning pool is
+    # told to stop when its run returns (`session.force_spinning_stop`): its threads spin between the
+    # operators of one run, where wake-ups cost, and sleep between runs. `spinning=False` keeps them
+    # asleep throughout, for a machine busy with other work (README, "Spans and the full step").
     spin = "1" if spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    options.add_session_config_entry("session.force_spinning_stop", spin)
     if _global_pool is not None:  # threads come from the process-wide pool
         options.use_per_session_threads = False
     elif threads:

@@ -33,15 +33,15 @@ def backend_name(name: str) -> str:
 
 
 def load(bundle_dir, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
-         check_digests: bool = True, backend: str = "cpu", spans: bool = True, spinning: Optional[bool] = None,
+         check_digests: bool = True, backend: str = "cpu", spans: bool = True, spinning: bool = True,
          **options):
     """Load a bundle for inference; `backend` picks the runtime (see the module docstring).
     `spans`: run the bundle's span graphs (several blocks in one graph) where the chain can; False
     runs every block on its own (the ONNX Runtime backends; tensorrt always does); with spans, a bundle's
     full step (embedding, blocks and final head as one graph) runs every full-depth step in one call.
-    `spinning`: ONNX Runtime's spin-waiting intra-op threads (cpu backend): None (default) for the full
-    step's session only (the one session a full-depth step runs), True for every session, False for none
-    (spinning threads cost on a machine with other work: see the README's speed section).
+    `spinning`: ONNX Runtime's spin-waiting intra-op threads (cpu backend): True (default) lets every
+    session's threads spin while it runs (each pool stops when its run returns), False keeps them asleep
+    (spinning costs on a machine with other work: see the README's speed section).
     Options: `max_batch` (ort-trt, tensorrt), `device_id` (ort-cuda, ort-trt)."""
     name = backend_name(backend)
     check_bundle_path(bundle_dir)

@@ -66,13 +66,6 @@ def used_spans(manifest, enabled: bool = True) -> tuple:
     return tuple(sorted(manifest.spans)) if enabled else ()
 
 
-def spins(graph: str, spinning: Optional[bool], full_step: Optional[str]) -> bool:
-    """Whether `graph`'s session lets its idle threads spin-wait. None (the default): only the full step's,
-    the one session a full-depth step runs (ONNX Runtime's default, as onnxruntime-genai runs its one graph;
-    sessions run one after another would spin against each other)."""
-    return spinning if spinning is not None else graph == full_step
-
-
 class Sessions(Mapping):
     """One ONNX Runtime session per graph, by graph name; the graphs only early exit needs (the exit
     head, the kv_fill graphs) get theirs on first use, so a full-depth generation never holds them
@@ -87,11 +80,12 @@ class Sessions(Mapping):
     LAZY = ("exit_head", "kv_fill_")
 
     def __init__(self, bundle: Bundle, providers, threads: Optional[int], require: Optional[str] = None,
-                 spans: tuple = (), spinning: Optional[bool] = None, full_step: Optional[str] = None):
+                 spans: tuple = (), spinning: bool = True, full_step: Optional[str] = None):
         """`providers`: a list for every graph, or a function of the graph's name; `require`: the
         execution provider every session must really run on (`sessions.check_providers`); `spans`:
         the spans the backend runs (others are never loaded, their blocks are loaded on first use);
-        `full_step`: the full step's graph name where the backend runs it; `spinning`: see `spins`."""
+        `full_step`: the full step's graph name where the backend runs it; `spinning`: whether the sessions'
+        threads spin-wait during their runs (`sessions.session_options`)."""
         self.bundle, self.providers, self.threads, self.require = bundle, providers, threads, require
         self.spinning, self.full_step = spinning, full_step
         m = bundle.manifest
@@ -116,7 +110,7 @@ class Sessions(Mapping):
                 session = make_session(bundle.graph_path(name), light=True)
             else:
                 session = make_session(bundle.graph_path(name), self._providers(name), threads, light=lazy,
-                                       require=require, spinning=spins(name, spinning, full_step))
+                                       require=require, spinning=spinning)
             bundle.check_session(name, session)  # the graphs' real interfaces match the manifest
             self.inputs[name] = [i.name for i in session.get_inputs()]
             self.outputs[name] = [o.name for o in session.get_outputs()]
@@ -134,7 +128,7 @@ class Sessions(Mapping):
                 if session is None:
                     session = self._sessions[name] = make_session(self.bundle.graph_path(name), self._providers(name),
                                                                   self.threads, require=self.require,
-                                                                  spinning=spins(name, self.spinning, self.full_step))
+                                                                  spinning=self.spinning)
         return session
 
     def _providers(self, name: str):
@@ -161,9 +155,9 @@ class CpuBackend(HostDecisions):
     name = "cpu"
 
     def __init__(self, bundle: Bundle, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
-                 spans: bool = True, spinning: Optional[bool] = None):
+                 spans: bool = True, spinning: bool = True):
         """`spans`: run the bundle's span graphs and its full step where the chain can (False: every block
-        on its own); `spinning`: ONNX Runtime's spin-waiting threads (`spins`; `sessions.session_options`)."""
+        on its own); `spinning`: ONNX Runtime's spin-waiting threads (`sessions.session_options`)."""
         self.bundle, self.manifest = bundle, bundle.manifest
         self.num_layers = self.manifest.num_layers
         self.spans = used_spans(self.manifest, spans)
