@@ -1,6 +1,6 @@
-"""Which sessions let their threads spin-wait: by default every session, each pool told to stop spinning
-when its run returns (so sessions run one after another do not spin against each other); `spinning=False`
-/ `--spin off` none."""
+"""Which sessions let their threads spin-wait: by default every session, each pool but the full step's told
+to stop spinning when its run returns (so sessions run one after another do not spin against each other);
+`spinning=False` / `--spin off` none."""
 
 from __future__ import annotations
 
@@ -23,7 +23,17 @@ def test_the_sessions_are_made_with_that_choice(stories_bundle, option, expected
     for graph in ("full_step", "embed", "block_00"):
         session = model.sessions[graph]  # the last two made on first use
         assert config(session, "session.intra_op.allow_spinning") == expected, graph
-        assert config(session, "session.force_spinning_stop") == expected, graph  # a spinning pool stops when its run returns
+        # a spinning pool stops when its run returns, except the full step's (full-depth tokens run back to back)
+        stops = expected if graph != "full_step" else "0"
+        assert config(session, "session.force_spinning_stop") == stops, graph
+
+
+def test_the_iobinding_cpu_backend_spins_as_the_cpu_backend_does(stories_bundle):
+    model = rt.load(stories_bundle, backend="cpu-iobinding")
+    model.generate(PROMPT, max_new_tokens=2)
+    for graph in ("embed", "final_head"):
+        assert config(model.sessions[graph], "session.intra_op.allow_spinning") == "1", graph
+        assert config(model.sessions[graph], "session.force_spinning_stop") == "1", graph
 
 
 def test_spin_option_of_adainfer_run(stories_bundle):

@@ -1,13 +1,12 @@
-"""ONNX Runtime sessions, one per graph, each with its own intra-op pool that spins only while it runs.
+"""ONNX Runtime sessions, one per graph, each with its own intra-op pool that spins while it runs.
 
 A bundle runs one session per graph (full step, embedding, spans, blocks, heads, kv fills). By
 default each has its own intra-op thread pool whose threads spin-wait between the operators of a
 run and stop spinning when the run returns (`session_options`), so sessions run one after another
-(an early exit: embed, span, exit head) do not spin against each other. `use_global_thread_pool`
-instead makes every session of the process share
-ONNX Runtime's global pool, whose workers spin for every graph: on SmolLM2 with nothing else
-running, forced exits (three sessions a token) were 2-19% faster with it and full depth 13% slower
-(README, bench); with other jobs on 2 cores the global pool was 2-5x slower
+(an early exit: embed, span, head) do not spin against each other; the full step's keep spinning
+between runs, since full-depth tokens run it back to back. `use_global_thread_pool` instead makes
+every session of the process share ONNX Runtime's global pool, whose workers spin for every graph
+(README, SmolLM2 bench, for how it compares); with other jobs on 2 cores the global pool was 2-5x slower
 (docs/bench/chain-vs-genai.md). ONNX Runtime fixes the global pool when its environment is created
 (the first session of the process) and then refuses sessions with their own pools, so it is a
 per-process choice: `adainfer run --thread-pool global`, or `use_global_thread_pool` before
@@ -57,8 +56,9 @@ def global_thread_pool() -> Optional[int]:
     return _global_pool
 
 
-def session_options(threads: Optional[int] = None, spinning: bool = False) -> ort.SessionOptions:
-    """`spinning`: let idle intra-op threads spin-wait (ONNX Runtime's default) instead of sleeping."""
+def session_options(threads: Optional[int] = None, spinning: bool = False, keep_spinning: bool = False) -> ort.SessionOptions:
+    """`spinning`: let idle intra-op threads spin-wait (ONNX Runtime's default) instead of sleeping, during a
+    run only unless `keep_spinning` (then between runs too, for a session that runs back to back)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -66,12 +66,14 @@ def session_options(threads: Optional[int] = None, spinning: bool = False) -> or
     # default spin-waiting, a pool keeps spinning after its graph returns, against the next session's
     # graph: on a few cores that made a decode step 8x slower (`adainfer bench`). So a spinning pool is
     # told to stop when its run returns (`session.force_spinning_stop`): its threads spin between the
-    # operators of one run, where wake-ups cost, and sleep between runs. `spinning=False` keeps them
-    # asleep throughout, for a machine busy with other work (README, "Spans and the full step").
+    # operators of one run, where wake-ups cost, and sleep between runs; except `keep_spinning` (the full
+    # step: nothing else runs between two full-depth tokens, and waking its threads every token cost).
+    # `spinning=False` keeps them asleep throughout, for a machine busy with other work (README,
+    # "Spans and the full step").
     spin = "1" if spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-    options.add_session_config_entry("session.force_spinning_stop", spin)
+    options.add_session_config_entry("session.force_spinning_stop", "1" if spinning and not keep_spinning else "0")
     if _global_pool is not None:  # threads come from the process-wide pool
         options.use_per_session_threads = False
     elif threads:
@@ -89,7 +91,8 @@ def light_options() -> ort.SessionOptions:
 
 
 def make_session(path: Path, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
-                 light: bool = False, require: Optional[str] = None, spinning: bool = False) -> ort.InferenceSession:
+                 light: bool = False, require: Optional[str] = None, spinning: bool = False,
+                 keep_spinning: bool = False) -> ort.InferenceSession:
     """A session for one graph; `light`: only to read its interface (see `light_options`);
     `require`: the execution provider that must actually run it (`check_providers`)."""
     available = set(ort.get_available_providers())
@@ -100,7 +103,7 @@ def make_session(path: Path, providers: Sequence = DEFAULT_PROVIDERS, threads: O
     global _sessions_made
     _sessions_made = True
     try:
-        options = light_options() if light else session_options(threads, spinning)
+        options = light_options() if light else session_options(threads, spinning, keep_spinning)
         session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
         raise BundleError(f"cannot load {path.name}: {str(exc).splitlines()[0]}") from None

@@ -85,7 +85,7 @@ class Sessions(Mapping):
         execution provider every session must really run on (`sessions.check_providers`); `spans`:
         the spans the backend runs (others are never loaded, their blocks are loaded on first use);
         `full_step`: the full step's graph name where the backend runs it; `spinning`: whether the sessions'
-        threads spin-wait during their runs (`sessions.session_options`)."""
+        threads spin-wait during their runs, the full step's between runs too (`sessions.session_options`)."""
         self.bundle, self.providers, self.threads, self.require = bundle, providers, threads, require
         self.spinning, self.full_step = spinning, full_step
         m = bundle.manifest
@@ -110,7 +110,7 @@ class Sessions(Mapping):
                 session = make_session(bundle.graph_path(name), light=True)
             else:
                 session = make_session(bundle.graph_path(name), self._providers(name), threads, light=lazy,
-                                       require=require, spinning=spinning)
+                                       require=require, spinning=spinning, keep_spinning=name == full_step)
             bundle.check_session(name, session)  # the graphs' real interfaces match the manifest
             self.inputs[name] = [i.name for i in session.get_inputs()]
             self.outputs[name] = [o.name for o in session.get_outputs()]
@@ -128,7 +128,8 @@ class Sessions(Mapping):
                 if session is None:
                     session = self._sessions[name] = make_session(self.bundle.graph_path(name), self._providers(name),
                                                                   self.threads, require=self.require,
-                                                                  spinning=self.spinning)
+                                                                  spinning=self.spinning,
+                                                                  keep_spinning=name == self.full_step)
         return session
 
     def _providers(self, name: str):

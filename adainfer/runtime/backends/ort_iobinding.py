@@ -96,8 +96,10 @@ class IoBindingBackend(HostDecisions):
         self.memory = memory
         self.device = memory.device
         self.spans = used_spans(m, spans and name != "ort-trt")  # TensorRT's provider: one profile set per block graph
+        # the CPU provider's threads spin during a run as the cpu backend's do; a GPU provider's CPU threads
+        # have nothing to spin for (on a Jetson they would take cores from the rest of the application)
         self.sessions = Sessions(bundle, lambda graph: providers_for(bundle, graph, name, device_id, max_batch), threads,
-                                 require=PROVIDER[name], spans=self.spans)
+                                 require=PROVIDER[name], spans=self.spans, spinning=name == "cpu-iobinding")
         self.calls: dict[str, int] = {g: 0 for g in m.graphs}
         self.kv_dtype = kv_dtype(m)
         self.hidden_dtype = graph_dtype(m, "embed", "hidden_states")

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""What keeping Q4_1 exactly costs an int4 decode step: the full step with and without its offset terms.
+
+    python tools/int4_offset_cost.py INT4_BUNDLE [--genai GENAI_INT4_DIR] [--threads 2] [--repeats 7]
+                                     [--past 80] [--json OUT]
+
+An int4 bundle exported from a Q4_1 GGUF re-encodes every projection exactly (`exporter/gguf_grid.py`):
+`MatMulNBits` on q - 8 plus a float term `blocksum(x) @ (m + 8 d)` (Reshape, ReduceSum, MatMul, Add per
+projection group). This writes a copy of the bundle's `full_step.onnx` with those four nodes removed
+(wrong numbers, same weights otherwise: a timing probe only, deleted afterwards), and times one decode
+step (past of --past positions, one new token) of both graphs and, if given, onnxruntime-genai's int4
+`model.onnx`, in plain ONNX Runtime sessions (--threads intra-op threads, spinning during a run),
+interleaved, --repeats rounds of 30 runs each; prints medians and writes JSON. What remains between
+"without offsets" and genai is the rest of the graph (rotary, splits, the 8-bit LM head, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+OFFSET_SUFFIXES = ("_gguf_offset", "_blocks", "_block_sums")  # gguf_grid.py's node names
+TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def without_offsets(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """`model` with every Q4_1 offset term dropped (its Add's output renamed to the MatMulNBits output)."""
+    rename, kept, dropped = {}, [], 0
+    for node in model.graph.node:
+        if node.name.endswith("_add_offset"):
+            rename[node.output[0]] = node.input[0]
+            dropped += 1
+        elif node.name.endswith(OFFSET_SUFFIXES) and node.op_type in ("MatMul", "Reshape", "ReduceSum"):
+            dropped += 1
+        else:
+            kept.append(node)
+    for node in kept:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model, dropped
+
+
+def decode_feeds(session: ort.InferenceSession, past: int) -> dict:
+    """One new token after `past` cached positions, for our full step's or genai's interface."""
+    feeds = {}
+    for spec in session.get_inputs():
+        shape = []
+        for dim in spec.shape:
+            if isinstance(dim, int):
+                shape.append(dim)
+            elif dim == "kv_cache_dim":
+                shape.append(64)
+            elif "past" in str(dim):
+                shape.append(past)
+            else:
+                shape.append(1)
+        kind = TYPES[spec.type]
+        feeds[spec.name] = np.random.default_rng(0).random(shape).astype(kind) if kind == np.float32 else np.zeros(shape, kind)
+    feeds["attention_mask"] = np.ones((1, past + 1), np.int64)
+    if "position_ids" in feeds:
+        feeds["position_ids"] = np.array([[past]], np.int64)
+    feeds["input_ids"] = np.array([[100]], np.int64)
+    return feeds
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    return ort.InferenceSession(str(path), options)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bundle", type=Path, help="an int4 bundle exported from a Q4_1 GGUF")
+    p.add_argument("--genai", type=Path, help="onnxruntime-genai's int4 output directory (model.onnx)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--past", type=int, default=80)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    source = args.bundle / "full_step.onnx"
+    if not source.is_file():
+        print(f"error: no full_step.onnx in {args.bundle}", file=sys.stderr)
+        return 2
+    model, dropped = without_offsets(onnx.load(str(source), load_external_data=False))
+    if not dropped:
+        print(f"error: {source} has no Q4_1 offset terms (not an int4 bundle from a Q4_1 GGUF?)", file=sys.stderr)
+        return 2
+    load = os.getloadavg()
+    with tempfile.NamedTemporaryFile(suffix=".onnx", dir=args.bundle) as probe:  # beside its external data
+        onnx.save(model, probe.name)
+        graphs = {"full step": source, "full step without offsets": Path(probe.name)}
+        if args.genai:
+            graphs["onnxruntime-genai int4"] = args.genai / "model.onnx"
+        sessions = {name: session(path, args.threads) for name, path in graphs.items()}
+    feeds = {name: decode_feeds(s, args.past) for name, s in sessions.items()}
+    times = {name: [] for name in sessions}
+    for _ in range(args.repeats):
+        for name, s in sessions.items():
+            for _ in range(3):
+                s.run(None, feeds[name])
+            start = time.perf_counter()
+            for _ in range(30):
+                s.run(None, feeds[name])
+            times[name].append((time.perf_counter() - start) / 30 * 1e3)
+    medians = {name: median(v) for name, v in times.items()}
+    print(f"{dropped} offset nodes dropped; decode step after {args.past} positions, {args.threads} threads, "
+          f"load {load[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    for name, ms in medians.items():
+        print(f"  {name:28s} {ms:6.2f} ms")
+    if args.json:
+        args.json.write_text(json.dumps({"bundle": str(args.bundle), "dropped_nodes": dropped, "past": args.past,
+                                         "threads": args.threads, "load_before": load, "load_after": os.getloadavg(),
+                                         "ms": times, "median_ms": medians}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
