@@ -29,8 +29,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--thread-pool", choices=("per-session", "global"), default="per-session",
                    help="ONNX Runtime threads: one pool per session (default; each spins while its session "
-                        "runs), or ONNX Runtime's global pool shared by all the bundle's sessions, whose workers spin for every graph: on an idle machine forced exits ran 2-19%% faster with it and full depth "
-                        "13%% slower (README, SmolLM2 bench); with other load on the cores it lost 2-5x")
+                        "runs), or ONNX Runtime's global pool shared by all the bundle's sessions, whose workers spin "
+                        "for every graph: on an idle machine its forced exits ran 3%% slower to 15%% faster and its full "
+                        "depth level to 14%% slower (README, SmolLM2 bench); with other load on the cores it lost 2-5x")
     p.add_argument("--spin", choices=("on", "off"), default=None,
                    help="ONNX Runtime's spin-waiting threads (cpu backend): on (default) lets each session's threads "
                         "spin while it runs, off keeps them asleep: for a machine busy with other work, where spinning "
