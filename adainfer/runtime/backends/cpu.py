@@ -162,6 +162,7 @@ class CpuBackend(HostDecisions):
         self.bundle, self.manifest = bundle, bundle.manifest
         self.num_layers = self.manifest.num_layers
         self.spans = used_spans(self.manifest, spans)
+        self.span_graphs = self.manifest.spans  # (first, last) -> graph name, read once (not per token)
         self.full_step_graph = self.manifest.full_step if spans else None
         # the full step appends to the cache in place where GroupQueryAttention writes every layer's cache
         self.in_place = (self.full_step_graph is not None
@@ -197,7 +198,7 @@ class CpuBackend(HostDecisions):
     def segment(self, first, last, hidden, position_ids, cache: HostKVCache):
         if first == last:
             return self.block(first, hidden, position_ids, cache)
-        graph = self.manifest.spans[(first, last)]
+        graph = self.span_graphs[(first, last)]
         feeds = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": cache.attention_mask}
         for layer in range(first, last + 1):
             feeds[f"past_key_{layer:02d}"], feeds[f"past_value_{layer:02d}"] = cache.keys[layer], cache.values[layer]

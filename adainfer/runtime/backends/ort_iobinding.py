@@ -96,6 +96,7 @@ class IoBindingBackend(HostDecisions):
         self.memory = memory
         self.device = memory.device
         self.spans = used_spans(m, spans and name != "ort-trt")  # TensorRT's provider: one profile set per block graph
+        self.span_graphs = m.spans  # (first, last) -> graph name, read once (not per token)
         # the CPU provider's threads spin during a run as the cpu backend's do; a GPU provider's CPU threads
         # have nothing to spin for (on a Jetson they would take cores from the rest of the application)
         self.sessions = Sessions(bundle, lambda graph: providers_for(bundle, graph, name, device_id, max_batch), threads,
@@ -161,7 +162,7 @@ class IoBindingBackend(HostDecisions):
 
     def segment(self, first, last, hidden: DeviceTensor, position_ids, cache: BufferKVCache):
         """Blocks `first..last` as one graph (a span, or one block): every layer's past and present bound by address."""
-        name = self.manifest.block_name(first) if first == last else self.manifest.spans[(first, last)]
+        name = self.manifest.block_name(first) if first == last else self.span_graphs[(first, last)]
         total = cache.length
         layers = range(first, last + 1)
         presents = [cache.present(layer, total) for layer in layers]  # first: they may grow the buffers
