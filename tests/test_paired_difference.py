@@ -1,0 +1,43 @@
+"""The paired comparison of two exit policies on the same rows (tools/quant_study_smollm2.py: recal vs fp32 policy)."""
+
+import numpy as np
+import pytest
+
+from adainfer.calib.evidence import paired_difference, within_margin
+
+
+def rows(both: int, only_a: int, only_b: int, neither: int):
+    a = [1] * both + [1] * only_a + [0] * only_b + [0] * neither
+    b = [1] * both + [0] * only_a + [1] * only_b + [0] * neither
+    order = np.random.default_rng(0).permutation(len(a))  # the row order does not matter
+    return np.asarray(a)[order], np.asarray(b)[order]
+
+
+def test_counts_difference_interval_and_mcnemar():
+    # 20 rows: 8 both right, 6 only A, 2 only B, 4 neither -> A - B = 4 / 20 = 20 points;
+    # Wald: 100 * (0.2 ± 1.95996 * sqrt(8 - 16 / 20) / 20); McNemar exact: 2 * P(X >= 6 | 8, 1/2) = 74 / 256
+    p = paired_difference(*rows(8, 6, 2, 4))
+    assert (p["rows"], p["only_a"], p["only_b"]) == (20, 6, 2)
+    assert p["difference_points"] == pytest.approx(20.0, abs=1e-9)
+    assert p["interval_points"] == pytest.approx([-6.295676217297447, 46.29567621729745], abs=1e-9)
+    assert p["mcnemar_p"] == pytest.approx(74 / 256, abs=1e-12)
+    assert within_margin(p) == "undecided"
+
+
+def test_identical_answers_transfer_and_a_clear_loss_does_not():
+    same = paired_difference(*rows(200, 0, 0, 100))
+    assert same["difference_points"] == 0 and same["interval_points"] == [0.0, 0.0] and same["mcnemar_p"] == 1.0
+    assert within_margin(same) == "yes"
+    # 3 rows of 300 better with A: +1 point, interval [-0.126, +2.126]: cannot tell
+    small = paired_difference(*rows(200, 3, 0, 97))
+    assert small["interval_points"] == pytest.approx([-0.12591358941486333, 2.1259135894148637], abs=1e-9)
+    assert within_margin(small) == "undecided"
+    # 30 rows of 300 better with A, none with B: +10 points, the whole interval above 1 point
+    assert within_margin(paired_difference(*rows(200, 30, 0, 70))) == "no"
+    # B better: 30 rows of 300 only B right -> -10 points, the whole interval below +1
+    assert within_margin(paired_difference(*rows(200, 0, 30, 70))) == "yes"
+
+
+def test_mismatched_rows_are_refused():
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_difference([1, 0, 1], [1, 0])
