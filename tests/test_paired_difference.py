@@ -41,3 +41,14 @@ def test_identical_answers_transfer_and_a_clear_loss_does_not():
 def test_mismatched_rows_are_refused():
     with pytest.raises(ValueError, match="equal-length"):
         paired_difference([1, 0, 1], [1, 0])
+
+
+def test_two_tasks_pool_by_adding_their_discordant_counts():
+    from adainfer.calib.evidence import paired_counts
+
+    first, second = rows(150, 20, 9, 121), rows(100, 25, 20, 155)
+    pooled = paired_counts(20 + 25, 9 + 20, 300 + 300)
+    assert pooled == paired_difference(np.concatenate([first[0], second[0]]), np.concatenate([first[1], second[1]]))
+    assert pooled["difference_points"] == pytest.approx(100 * 16 / 600, abs=1e-9)
+    with pytest.raises(ValueError, match="do not fit"):
+        paired_counts(200, 150, 300)
