@@ -2,7 +2,7 @@
 
     python tools/quant_study_smollm2.py [--bundle FP32_BUNDLE | --gguf GGUF] [--out docs/quant/smollm2]
         [--variants fp32 fp16 w8a8 w4-b32 w4-b128 kv8 w4-b32+kv8 w8a8+kv8] [--calib-rows 60] [--eval-rows 40]
-        [--stories 8] [--articles 8] [--tokens 128] [--repeats 3] [--exit-only]
+        [--stories 8] [--articles 8] [--tokens 128] [--repeats 3] [--exit-only] [--replot OUT.json]
 
 On SmolLM2-135M-Instruct (the float32 bundle exported from its Q4_1 GGUF; `--gguf` exports it first).
 Every variant is converted from that one float32 bundle: `convert_bundle` for the weights (fp16, int8-dynamic
@@ -29,7 +29,8 @@ study's own TinyStories sample, which is the gate's), and
 Per variant and task the exit table also compares recal and the fp32 policy on the same evaluation rows
 (`adainfer.calib.evidence.paired_difference`): recal minus fp32-policy accuracy in points, the rows only one of
 them gets right, a 95% interval and the exact McNemar p; "fp32 policy within 1 pt of recal" is yes when the whole
-interval lies at or below +1 point, no when it lies above, else undecided (the rows cannot tell).
+interval lies at or below +1 point, no when it lies above, else undecided (the rows cannot tell); a line per
+variant pools both tasks (their rows are disjoint, so the discordant counts add: `paired_counts`).
 
 `--exit-only` measures only the early-exit columns and the size on disk (no perplexity, RSS, timing, quality
 plot), so that the exit can be judged on many rows: e.g. `--exit-only --calib-rows 300 --eval-rows 300 --out
@@ -60,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from adainfer.calib.evidence import paired_difference, within_margin  # noqa: E402
+from adainfer.calib.evidence import paired_counts, paired_difference, within_margin  # noqa: E402
 from quant_study import peak_rss_mb  # noqa: E402
 
 SHARED = next((d for d in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data") if d.is_dir()),
@@ -266,7 +267,21 @@ def exit_table(rows: list[dict]) -> list[str]:
                          f"{100 * fp['flops_saved']:+.1f}% | {fp['mean_exit_layer']:.2f} | {pr['difference_points']:+.1f} "
                          f"[{low:+.1f}, {high:+.1f}] | {pr['only_a']} / {pr['only_b']} | {pr['mcnemar_p']:.2f} | "
                          f"{pr['fp32_policy_within_1_point']} |")
+        pooled = pooled_tasks(r)
+        if pooled is not None:  # the precision's answer: both tasks' evaluation rows together
+            low, high = pooled["interval_points"]
+            lines.append(f"| {LABELS[r['variant']]} | both tasks ({pooled['rows']} rows) | | | | | | | | | "
+                         f"{pooled['difference_points']:+.1f} [{low:+.1f}, {high:+.1f}] | {pooled['only_a']} / "
+                         f"{pooled['only_b']} | {pooled['mcnemar_p']:.2f} | {within_margin(pooled, 1.0)} |")
     return lines
+
+
+def pooled_tasks(row: dict) -> dict | None:
+    """recal − fp32 policy over every task's evaluation rows of one variant (disjoint rows: the counts add)."""
+    paired = [e["paired"] for e in row.get("exit", {}).values() if "paired" in e]
+    if len(paired) < 2:
+        return None
+    return paired_counts(sum(p["only_a"] for p in paired), sum(p["only_b"] for p in paired), sum(p["rows"] for p in paired))
 
 
 def markdown(report: dict, exit_only: bool = False) -> str:
@@ -368,6 +383,8 @@ def write_report(args, argv: list[str], rows: list[dict], load_start, started: f
               f"Rows: perplexity on {report['counts']['tinystories_tokens']} TinyStories tokens ({args.stories} stories) and "
               f"{report['counts']['agnews_tokens']} AG News tokens ({args.articles} articles), ≤ {args.tokens} tokens each; "
               f"{exit_rows_text}; RSS at a {report['counts']['context_tokens']}-token context. {machine}")
+    report["rows_text"] = counts
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     args.out.with_suffix(".md").write_text(report["table"] + "\n\n" + counts + "\n")
     return report["table"] + "\n\n" + counts
 
@@ -392,11 +409,19 @@ def main(argv=None) -> int:
     p.add_argument("--no-early-exit", action="store_true")
     p.add_argument("--exit-only", action="store_true", help="only the early-exit columns (and size on disk): no "
                    "perplexity, RSS or timing; for many evaluation rows (write it to its own --out)")
-    p.add_argument("--replot", type=Path, help="only redraw the plots of a finished run from its JSON")
+    p.add_argument("--replot", type=Path, help="only redraw the plots and rewrite the table (OUT.md, the JSON's "
+                   "table) of a finished run from its JSON")
     p.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.replot:
-        print(plots(json.loads(args.replot.read_text()), args.replot.with_suffix("")))
+        report = json.loads(args.replot.read_text())
+        out = args.replot.with_suffix("")
+        report["table"] = markdown(report, report.get("exit_only", False))
+        # the line that says what the rows are: the JSON's, or (runs written before it kept one) OUT.md's last one
+        rows_text = report.get("rows_text") or out.with_suffix(".md").read_text().rstrip("\n").rsplit("\n\n", 1)[-1]
+        out.with_suffix(".md").write_text(report["table"] + "\n\n" + rows_text + "\n")
+        args.replot.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(plots(report, out))
         return 0
     if args.measure:
         measure_main(*args.measure)
