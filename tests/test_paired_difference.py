@@ -52,3 +52,27 @@ def test_two_tasks_pool_by_adding_their_discordant_counts():
     assert pooled["difference_points"] == pytest.approx(100 * 16 / 600, abs=1e-9)
     with pytest.raises(ValueError, match="do not fit"):
         paired_counts(200, 150, 300)
+
+
+def test_outcome_keeps_each_rows_answer_only_when_asked(stories_bundle):
+    """The per-row answers the paired comparison uses are the ones the Outcome's accuracy counts."""
+    from adainfer.calib.features import FeatureTable
+    from adainfer.calib.simulate import outcome
+    from adainfer.manifest import Manifest
+    from adainfer.runtime.exit_policy import ExitPolicy
+
+    manifest = Manifest.load(stories_bundle)
+    L, n = manifest.num_layers, 4
+    pred = np.arange(n * L).reshape(n, L) % 3  # row r answers (r * L + l - 1) % 3 at layer l
+    scores = np.zeros((n, L))
+    scores[0, 0] = scores[1, 2] = 1.0  # row 0 leaves after layer 1, row 1 after layer 3, rows 2 and 3 run full depth
+    gold = np.array([pred[0, 0], 2, pred[2, -1], (pred[3, -1] + 1) % 3])
+    table = FeatureTable(gap=scores, top_prob=scores, cos_prev=scores, norm_ratio=scores, pred=pred, gold=gold,
+                         doc_id=np.arange(n), context=np.full(n, 8), hidden=None, task="sst2")
+    policy = ExitPolicy(decision="rule", features=["gap"], threshold=0.5)
+    kept = outcome(table, manifest, policy, scores, 0.5, keep_answers=True)
+    assert kept.answers.tolist() == [pred[0, 0], pred[1, 2], pred[2, -1], pred[3, -1]]
+    assert kept.accuracy == pytest.approx(np.mean(kept.answers == gold))
+    assert kept.accuracy == pytest.approx(0.5 + 0.25 * (pred[1, 2] == 2))
+    assert "answers" not in kept.to_dict()
+    assert outcome(table, manifest, policy, scores, 0.5).answers is None
