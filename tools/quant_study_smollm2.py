@@ -2,7 +2,7 @@
 
     python tools/quant_study_smollm2.py [--bundle FP32_BUNDLE | --gguf GGUF] [--out docs/quant/smollm2]
         [--variants fp32 fp16 w8a8 w4-b32 w4-b128 kv8 w4-b32+kv8 w8a8+kv8] [--calib-rows 60] [--eval-rows 40]
-        [--stories 8] [--articles 8] [--tokens 128] [--repeats 3]
+        [--stories 8] [--articles 8] [--tokens 128] [--repeats 3] [--exit-only] [--replot OUT.json]
 
 On SmolLM2-135M-Instruct (the float32 bundle exported from its Q4_1 GGUF; `--gguf` exports it first).
 Every variant is converted from that one float32 bundle: `convert_bundle` for the weights (fp16, int8-dynamic
@@ -26,9 +26,19 @@ study's own TinyStories sample, which is the gate's), and
   exit applied to the variant's own features ("fp32 policy", what `--reuse-policy` does): accuracy,
   compute saved (decisions included), mean exit layer.
 
+Per variant and task the exit table also compares recal and the fp32 policy on the same evaluation rows
+(`adainfer.calib.evidence.paired_difference`): recal minus fp32-policy accuracy in points, the rows only one of
+them gets right, a 95% interval and the exact McNemar p; "fp32 policy within 1 pt of recal" is yes when the whole
+interval lies at or below +1 point, no when it lies above, else undecided (the rows cannot tell); a line per
+variant pools both tasks (their rows are disjoint, so the discordant counts add: `paired_counts`).
+
+`--exit-only` measures only the early-exit columns and the size on disk (no perplexity, RSS, timing, quality
+plot), so that the exit can be judged on many rows: e.g. `--exit-only --calib-rows 300 --eval-rows 300 --out
+docs/quant/smollm2_exit_transfer`.
+
 Writes OUT.json, OUT.md and two plots: OUT_quality_vs_size.png (perplexity ratio to fp32 against bundle size)
-and OUT_exit_saving.png (compute saved by the exit per variant). Run it niced on a shared machine; the JSON
-records the load average.
+and OUT_exit_saving.png (compute saved by the exit per variant), after every variant (a run cut short keeps the
+variants it finished). Run it niced on a shared machine; the JSON records the load average.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from adainfer.calib.evidence import paired_counts, paired_difference, within_margin  # noqa: E402
 from quant_study import peak_rss_mb  # noqa: E402
 
 SHARED = next((d for d in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data") if d.is_dir()),
@@ -208,18 +219,24 @@ def exit_rows(bundle: Path, task: str, args, scratch: Path, fp32_chosen: dict) -
     out = {"rows": {"calibration": len(calib_set.examples), "fit": int(len(train.gap)), "thresholds": int(len(held.gap)),
                     "evaluation": len(eval_set.examples)},
            "full_accuracy": float(np.mean(eval_table.final == eval_table.gold))}
+    correct = {}
     for how, cand in (("recal", chosen), ("fp32_policy", fp32_chosen[task])):
-        o = cal.evaluate_candidate(cand, eval_table, manifest).to_dict()
+        result = cal.evaluate_candidate(cand, eval_table, manifest)
+        correct[how] = result.answers == eval_table.gold
+        o = result.to_dict()
+        assert abs(float(np.mean(correct[how])) - o["accuracy"]) < 1e-12  # the per-row answers are the outcome's own
         out[how] = {"decider": cand.name, "answers_with": "probe" if cand.policy.answer == "probe" else "model",
                     **{k: o[k] for k in ("accuracy", "agreement", "flops_saved", "mean_exit_layer")}}
+    # recal minus fp32 policy on the same evaluation rows: the rows where they disagree, an interval, McNemar
+    out["paired"] = paired_difference(correct["recal"], correct["fp32_policy"])
+    out["paired"]["fp32_policy_within_1_point"] = within_margin(out["paired"], 1.0)
     return out
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def markdown(report: dict) -> str:
-    rows = report["rows"]
+def quality_table(rows: list[dict]) -> list[str]:
     lines = ["| variant | export gate | TinyStories ppl (×fp32) | AG News ppl (×fp32) | top-1 = fp32 (TS / AG) | bundle MB "
              "| KV MB at 2,048 | peak RSS MB at 2,048 / end | prefill ms/token | decode ms/token |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -229,20 +246,47 @@ def markdown(report: dict) -> str:
             f"{r['agnews_perplexity']:.2f} ({r['agnews_ratio']:.3f}) | {r['tinystories_top1_agreement']:.3f} / "
             f"{r['agnews_top1_agreement']:.3f} | {r['bundle_mb']:.0f} | {r['kv_cache_mb']:.1f} | "
             f"{r['peak_rss_2048_mb']:.0f} / {r['peak_rss_mb']:.0f} | {r['prefill_ms_per_token']:.2f} | {r['decode_ms_per_token']:.2f} |")
-    lines += ["", "| variant | task | accuracy, full depth | recal: decider | recal: accuracy | recal: saved | recal: mean exit "
-              "| fp32 policy: accuracy | fp32 policy: saved | fp32 policy: mean exit | fp32 policy within 1 pt of recal |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def exit_table(rows: list[dict]) -> list[str]:
+    """One line per variant and task; the last columns compare recal and the fp32 policy on the same rows."""
+    lines = ["| variant | task | accuracy, full depth | recal: decider | recal: accuracy | recal: saved | recal: mean exit "
+             "| fp32 policy: accuracy | fp32 policy: saved | fp32 policy: mean exit | recal − fp32 policy, points [95% CI] "
+             "| rows only recal / only fp32 policy right | McNemar p | fp32 policy within 1 pt of recal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for task, (name, _, _) in TASKS.items():
             e = r.get("exit", {}).get(task)
             if e is None:
                 continue
-            rc, fp = e["recal"], e["fp32_policy"]
-            within = "yes" if fp["accuracy"] >= rc["accuracy"] - 0.01 else "no"
+            rc, fp, pr = e["recal"], e["fp32_policy"], e["paired"]
+            low, high = pr["interval_points"]
             lines.append(f"| {LABELS[r['variant']]} | {name} | {e['full_accuracy']:.3f} | {rc['decider']} | {rc['accuracy']:.3f} | "
                          f"{100 * rc['flops_saved']:+.1f}% | {rc['mean_exit_layer']:.2f} | {fp['accuracy']:.3f} | "
-                         f"{100 * fp['flops_saved']:+.1f}% | {fp['mean_exit_layer']:.2f} | {within} |")
-    return "\n".join(lines)
+                         f"{100 * fp['flops_saved']:+.1f}% | {fp['mean_exit_layer']:.2f} | {pr['difference_points']:+.1f} "
+                         f"[{low:+.1f}, {high:+.1f}] | {pr['only_a']} / {pr['only_b']} | {pr['mcnemar_p']:.2f} | "
+                         f"{pr['fp32_policy_within_1_point']} |")
+        pooled = pooled_tasks(r)
+        if pooled is not None:  # the precision's answer: both tasks' evaluation rows together
+            low, high = pooled["interval_points"]
+            lines.append(f"| {LABELS[r['variant']]} | both tasks ({pooled['rows']} rows) | | | | | | | | | "
+                         f"{pooled['difference_points']:+.1f} [{low:+.1f}, {high:+.1f}] | {pooled['only_a']} / "
+                         f"{pooled['only_b']} | {pooled['mcnemar_p']:.2f} | {within_margin(pooled, 1.0)} |")
+    return lines
+
+
+def pooled_tasks(row: dict) -> dict | None:
+    """recal − fp32 policy over every task's evaluation rows of one variant (disjoint rows: the counts add)."""
+    paired = [e["paired"] for e in row.get("exit", {}).values() if "paired" in e]
+    if len(paired) < 2:
+        return None
+    return paired_counts(sum(p["only_a"] for p in paired), sum(p["only_b"] for p in paired), sum(p["rows"] for p in paired))
+
+
+def markdown(report: dict, exit_only: bool = False) -> str:
+    tables = ([] if exit_only else quality_table(report["rows"]) + [""]) + exit_table(report["rows"])
+    return "\n".join(tables)
 
 
 def plots(report: dict, out: Path) -> list[str]:
@@ -252,6 +296,15 @@ def plots(report: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
+    drawn = []
+    if all("tinystories_ratio" in r for r in rows):  # not with --exit-only
+        drawn.append(quality_plot(rows, out, plt))
+    if any("exit" in r for r in rows):
+        drawn.append(exit_plot(rows, out, plt))
+    return drawn
+
+
+def quality_plot(rows: list[dict], out: Path, plt) -> str:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     top = 2.0  # broken variants (W8A8: ratios in the millions) are drawn at the top edge, their values written
     for key, marker, label in (("tinystories_ratio", "o", "TinyStories (held-out)"), ("agnews_ratio", "s", "AG News articles")):
@@ -273,7 +326,10 @@ def plots(report: dict, out: Path) -> list[str]:
     first = out.with_name(out.name + "_quality_vs_size.png")
     fig.savefig(first, dpi=110)
     plt.close(fig)
+    return first.name
 
+
+def exit_plot(rows: list[dict], out: Path, plt) -> str:
     fig, axes = plt.subplots(1, len(TASKS), figsize=(11, 4.2), sharey=True)
     names = [r["variant"] for r in rows if "exit" in r]
     x = np.arange(len(names))
@@ -290,10 +346,47 @@ def plots(report: dict, out: Path) -> list[str]:
     second = out.with_name(out.name + "_exit_saving.png")
     fig.savefig(second, dpi=110)
     plt.close(fig)
-    return [first.name, second.name]
+    return second.name
 
 
 # ----------------------------------------------------------------------------- driving
+
+
+def write_report(args, argv: list[str], rows: list[dict], load_start, started: float) -> str:
+    """OUT.json, OUT.md and the plots of the rows measured so far (written after every variant, so a run cut short
+    keeps what it measured); returns the table and the line that says what the rows are."""
+    import onnxruntime
+    from adainfer.calib.features import peak_memory_mib
+
+    report = {"command": "python tools/quant_study_smollm2.py " + " ".join(argv),
+              "bundle": str(args.bundle), "exit_only": args.exit_only,
+              "settings": {k: getattr(args, k) for k in ("calib_rows", "eval_rows", "stories", "articles", "tokens",
+                                                         "repeats", "threads", "seed")},
+              "counts": {} if args.exit_only else {
+                  "tinystories_tokens": rows[0]["tinystories_tokens"], "agnews_tokens": rows[0]["agnews_tokens"],
+                  "context_tokens": rows[0]["context_tokens"]},
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_start": load_start,
+                          "load_average_end": os.getloadavg(), "onnxruntime": onnxruntime.__version__,
+                          "nice": os.nice(0)},
+              "seconds": time.perf_counter() - started, "peak_memory_mib": peak_memory_mib(), "rows": rows}
+    report["table"] = markdown(report, args.exit_only)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report["plots"] = plots(report, args.out)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    machine = (f"{report['seconds']:.0f} s, load average {load_start[0]:.1f} -> {report['machine']['load_average_end'][0]:.1f} "
+               f"on {os.cpu_count()} CPUs, nice {os.nice(0)}.")
+    exit_rows_text = (f"early exit per task {args.calib_rows} calibration rows (70% fit, 30% thresholds) and "
+                      f"{args.eval_rows} evaluation rows")
+    counts = (f"Rows: {exit_rows_text} (the same rows for every variant); recal − fp32 policy: paired difference on "
+              f"the evaluation rows, 95% Wald interval for paired proportions, exact McNemar p; \"within 1 pt\": yes when "
+              f"the whole interval is ≤ +1 point, no when it is all above, else undecided. {machine}") if args.exit_only else (
+              f"Rows: perplexity on {report['counts']['tinystories_tokens']} TinyStories tokens ({args.stories} stories) and "
+              f"{report['counts']['agnews_tokens']} AG News tokens ({args.articles} articles), ≤ {args.tokens} tokens each; "
+              f"{exit_rows_text}; RSS at a {report['counts']['context_tokens']}-token context. {machine}")
+    report["rows_text"] = counts
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    args.out.with_suffix(".md").write_text(report["table"] + "\n\n" + counts + "\n")
+    return report["table"] + "\n\n" + counts
 
 
 def main(argv=None) -> int:
@@ -314,19 +407,30 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-early-exit", action="store_true")
-    p.add_argument("--replot", type=Path, help="only redraw the plots of a finished run from its JSON")
+    p.add_argument("--exit-only", action="store_true", help="only the early-exit columns (and size on disk): no "
+                   "perplexity, RSS or timing; for many evaluation rows (write it to its own --out)")
+    p.add_argument("--replot", type=Path, help="only redraw the plots and rewrite the table (OUT.md, the JSON's "
+                   "table) of a finished run from its JSON")
     p.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.replot:
-        print(plots(json.loads(args.replot.read_text()), args.replot.with_suffix("")))
+        report = json.loads(args.replot.read_text())
+        out = args.replot.with_suffix("")
+        report["table"] = markdown(report, report.get("exit_only", False))
+        # the line that says what the rows are: the JSON's, or (runs written before it kept one) OUT.md's last one
+        rows_text = report.get("rows_text") or out.with_suffix(".md").read_text().rstrip("\n").rsplit("\n\n", 1)[-1]
+        out.with_suffix(".md").write_text(report["table"] + "\n\n" + rows_text + "\n")
+        args.replot.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(plots(report, out))
         return 0
     if args.measure:
         measure_main(*args.measure)
         return 0
     if args.bundle is None and args.gguf is None:
         p.error("give --bundle (the float32 SmolLM2 bundle) or --gguf")
+    if args.exit_only and args.no_early_exit:
+        p.error("--exit-only and --no-early-exit leave nothing to measure")
     from adainfer.calib.data import read_rows
-    from adainfer.calib.features import peak_memory_mib
     from adainfer.exporter import export, load_model, quality
     from adainfer.exporter.gguf_source import gguf_to_hf_dir
     from adainfer.manifest import Manifest
@@ -348,71 +452,62 @@ def main(argv=None) -> int:
 
             gguf = fetch(next(k for k, v in KNOWN_MODELS.items() if v.file_name == manifest.source.file), default_cache())
             hf_model = load_model(gguf_to_hf_dir(gguf, work / "hf", progress=False))
-        tok, vocab, bos = args.bundle / "tokenizer.json", manifest.vocab_size, manifest.bos_token_id
-        stories = quality.held_out_sequences(tok, vocab, bos, stories=args.stories, max_tokens=args.tokens)
-        articles = quality.text_sequences([t for t, _, _ in read_rows(AG_NEWS, "agnews")[-args.articles:]], tok, vocab,
-                                          bos, args.tokens, AG_NEWS.name)
-        long_text = quality.held_out_sequences(tok, vocab, bos, stories=10_000, max_tokens=10_000)
-        context = [t for ids in long_text.ids for t in ids][:CONTEXT]
-        request = {"texts": {"tinystories": stories.ids, "agnews": articles.ids}, "reference": {}, "context_ids": context,
-                   "tokens": args.tokens, "repeats": args.repeats, "threads": args.threads}
+        request: dict = {}
+        if not args.exit_only:
+            tok, vocab, bos = args.bundle / "tokenizer.json", manifest.vocab_size, manifest.bos_token_id
+            stories = quality.held_out_sequences(tok, vocab, bos, stories=args.stories, max_tokens=args.tokens)
+            articles = quality.text_sequences([t for t, _, _ in read_rows(AG_NEWS, "agnews")[-args.articles:]], tok,
+                                              vocab, bos, args.tokens, AG_NEWS.name)
+            long_text = quality.held_out_sequences(tok, vocab, bos, stories=10_000, max_tokens=10_000)
+            context = [t for ids in long_text.ids for t in ids][:CONTEXT]
+            request = {"texts": {"tinystories": stories.ids, "agnews": articles.ids}, "reference": {},
+                       "context_ids": context, "tokens": args.tokens, "repeats": args.repeats, "threads": args.threads}
         kv_fp32: dict = {}
         fp32_chosen: dict = {}
         for name in variants:
             t0 = time.perf_counter()
             bundle, info = build_variant(name, args.bundle, work, hf_model, kv_fp32)
             built = time.perf_counter() - t0
-            (work / "request.json").write_text(json.dumps(request))
-            subprocess.run([sys.executable, __file__, "--measure", str(bundle), str(work / "request.json"),
-                            str(work / "result.json")], check=True)
-            result = json.loads((work / "result.json").read_text())
-            if name == "fp32":
-                request["reference"] = result["top1"]
             row = {"variant": name, "precision": VARIANTS[name][0], "block_size": VARIANTS[name][1],
-                   "kv": "int8" if VARIANTS[name][2] else "float32", **info, **result["row"], "bundle_mb": bundle_mb(bundle),
-                   "build_s": built}
-            ref = rows[0] if rows else row
-            if "gate" not in row:
-                row["gate"] = gate(VARIANTS[name][0], row, ref)
-            for text in ("tinystories", "agnews"):
-                row[f"{text}_ratio"] = row[f"{text}_perplexity"] / ref[f"{text}_perplexity"]
+                   "kv": "int8" if VARIANTS[name][2] else "float32", **info, "bundle_mb": bundle_mb(bundle), "build_s": built}
+            if not args.exit_only:
+                (work / "request.json").write_text(json.dumps(request))
+                subprocess.run([sys.executable, __file__, "--measure", str(bundle), str(work / "request.json"),
+                                str(work / "result.json")], check=True)
+                result = json.loads((work / "result.json").read_text())
+                if name == "fp32":
+                    request["reference"] = result["top1"]
+                row.update(result["row"])
+                ref = rows[0] if rows else row
+                if "gate" not in row:
+                    row["gate"] = gate(VARIANTS[name][0], row, ref)
+                for text in ("tinystories", "agnews"):
+                    row[f"{text}_ratio"] = row[f"{text}_perplexity"] / ref[f"{text}_perplexity"]
             if not args.no_early_exit:
                 row["exit"] = {}
                 for task in TASKS:
                     scratch = work / f"heads-{name}-{task}"
                     scratch.mkdir()
+                    t1 = time.perf_counter()
                     row["exit"][task] = exit_rows(bundle, task, args, scratch, fp32_chosen)
+                    print(f"{name} {task}: {time.perf_counter() - t1:.0f} s", flush=True)
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
-            print(f"{name}: TS ppl {row['tinystories_perplexity']:.3f} ({row['tinystories_ratio']:.3f}x), AG ppl "
-                  f"{row['agnews_perplexity']:.2f} ({row['agnews_ratio']:.3f}x), {row['bundle_mb']:.0f} MB, "
-                  f"RSS@2048 {row['peak_rss_2048_mb']:.0f} MB, decode {row['decode_ms_per_token']:.2f} ms/token, "
-                  f"{row['seconds']:.0f} s", flush=True)
+            if args.exit_only:
+                print(f"{name}: " + "; ".join(
+                    f"{t} full {e['full_accuracy']:.3f}, recal {e['recal']['accuracy']:.3f} / {100 * e['recal']['flops_saved']:+.1f}%, "
+                    f"fp32 policy {e['fp32_policy']['accuracy']:.3f} / {100 * e['fp32_policy']['flops_saved']:+.1f}%, "
+                    f"diff {e['paired']['difference_points']:+.1f} pts" for t, e in row["exit"].items())
+                    + f", {row['bundle_mb']:.0f} MB, {row['seconds']:.0f} s", flush=True)
+            else:
+                print(f"{name}: TS ppl {row['tinystories_perplexity']:.3f} ({row['tinystories_ratio']:.3f}x), AG ppl "
+                      f"{row['agnews_perplexity']:.2f} ({row['agnews_ratio']:.3f}x), {row['bundle_mb']:.0f} MB, "
+                      f"RSS@2048 {row['peak_rss_2048_mb']:.0f} MB, decode {row['decode_ms_per_token']:.2f} ms/token, "
+                      f"{row['seconds']:.0f} s", flush=True)
             if bundle != args.bundle and bundle != kv_fp32.get("bundle"):
                 shutil.rmtree(bundle, ignore_errors=True)
-    import onnxruntime
-
-    report = {"command": "python tools/quant_study_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "bundle": str(args.bundle), "settings": {k: getattr(args, k) for k in
-                                                       ("calib_rows", "eval_rows", "stories", "articles", "tokens", "repeats", "threads", "seed")},
-              "counts": {"tinystories_tokens": rows[0]["tinystories_tokens"], "agnews_tokens": rows[0]["agnews_tokens"],
-                         "context_tokens": rows[0]["context_tokens"]},
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_start": load_start,
-                          "load_average_end": os.getloadavg(), "onnxruntime": onnxruntime.__version__,
-                          "nice": os.nice(0)},
-              "seconds": time.perf_counter() - started, "peak_memory_mib": peak_memory_mib(), "rows": rows}
-    report["table"] = markdown(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report["plots"] = plots(report, args.out)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    counts = (f"Rows: perplexity on {report['counts']['tinystories_tokens']} TinyStories tokens ({args.stories} stories) and "
-              f"{report['counts']['agnews_tokens']} AG News tokens ({args.articles} articles), ≤ {args.tokens} tokens each; "
-              f"early exit per task {args.calib_rows} calibration rows (70% fit, 30% thresholds) and {args.eval_rows} "
-              f"evaluation rows; RSS at a {report['counts']['context_tokens']}-token context. {report['seconds']:.0f} s, load "
-              f"average {load_start[0]:.1f} -> {report['machine']['load_average_end'][0]:.1f} on {os.cpu_count()} CPUs, nice {os.nice(0)}.")
-    args.out.with_suffix(".md").write_text(report["table"] + "\n\n" + counts + "\n")
-    print(report["table"])
-    print(counts)
+            write_report(args, argv if argv is not None else sys.argv[1:], rows, load_start, started)
+    print(write_report(args, argv if argv is not None else sys.argv[1:], rows, load_start, started))
     return 0
 
 

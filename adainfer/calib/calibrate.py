@@ -167,14 +167,16 @@ def probe_scores(candidate: Candidate, table: FeatureTable) -> tuple[np.ndarray,
 
 
 def evaluate_candidate(candidate: Candidate, table: FeatureTable, manifest) -> Outcome:
-    """The candidate, as calibrated, on other rows (e.g. evaluation rows never calibrated on)."""
+    """The candidate, as calibrated, on other rows (e.g. evaluation rows never calibrated on); the Outcome keeps
+    each row's answer, so that two candidates can be compared row by row (`evidence.paired_difference`)."""
     policy = candidate.policy
     if candidate.probes is not None:
         conf, per_layer, answers = probe_scores(candidate, table)
-        return outcome(table, manifest, policy, conf, per_layer, answers=answers, label=policy.threshold)
+        return outcome(table, manifest, policy, conf, per_layer, answers=answers, label=policy.threshold,
+                       keep_answers=True)
     t = table.with_head(candidate.table_key)
     scores = score_table(candidate.fitted, t) if candidate.fitted is not None else t.gap.astype(np.float64)
-    return outcome(t, manifest, policy, scores, policy.threshold)
+    return outcome(t, manifest, policy, scores, policy.threshold, keep_answers=True)
 
 
 def make_goal(label: str, held: FeatureTable, target: float, max_accuracy_drop: float, z: float) -> Goal:

@@ -59,3 +59,41 @@ def check_evidence(held_out: int, target: float, confidence: float = CONFIDENCE)
         raise InputError(f"held-out evidence too small: {held_out} held-out positions cannot show agreement >= {target:g} "
                          f"at {confidence:.0%} confidence (at least {need} are needed: more or longer documents, "
                          f"a larger --holdout, or a lower --target-agreement); the bundle was not changed")
+
+
+def paired_difference(correct_a, correct_b, confidence: float = CONFIDENCE) -> dict:
+    """Accuracy of A minus accuracy of B on the same rows, with its noise: only the rows where the two disagree
+    carry information (McNemar), so it reports them (`only_a`: A right and B wrong; `only_b`: the reverse) and
+    what `paired_counts` makes of them."""
+    import numpy as np
+
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired_difference needs two equal-length non-empty rows of outcomes, got {a.shape} and {b.shape}")
+    return paired_counts(int((a & ~b).sum()), int((~a & b).sum()), int(a.size), confidence)
+
+
+def paired_counts(only_a: int, only_b: int, rows: int, confidence: float = CONFIDENCE) -> dict:
+    """From the discordant counts alone (so comparisons on disjoint row sets, e.g. two tasks, pool by adding them):
+    the difference in points, its two-sided Wald interval for paired proportions (100 * ((b - c) / n ± z * sqrt(b +
+    c - (b - c)^2 / n) / n)) and the exact McNemar p-value (binomial test of b of b + c at 1/2)."""
+    from scipy.stats import binomtest, norm
+
+    if rows <= 0 or only_a < 0 or only_b < 0 or only_a + only_b > rows:
+        raise ValueError(f"paired_counts: {only_a} + {only_b} discordant rows do not fit in {rows} rows")
+    diff = (only_a - only_b) / rows
+    half = float(norm.ppf(0.5 + confidence / 2)) * math.sqrt(max(only_a + only_b - (only_a - only_b) ** 2 / rows, 0.0)) / rows
+    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return {"rows": rows, "only_a": only_a, "only_b": only_b, "difference_points": 100 * diff,
+            "interval_points": [100 * (diff - half), 100 * (diff + half)], "confidence": confidence, "mcnemar_p": p}
+
+
+def within_margin(paired: dict, margin_points: float = 1.0) -> str:
+    """Whether B loses at most `margin_points` against A (paired = paired_difference(A, B)): "yes" when the whole
+    interval of A - B lies at or below the margin, "no" when the whole interval lies above it, else "undecided"."""
+    low, high = paired["interval_points"]
+    if high <= margin_points:
+        return "yes"
+    if low > margin_points:
+        return "no"
+    return "undecided"

@@ -6,7 +6,7 @@ policy in the runtime (a test checks that), at a fraction of the time, for every
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,9 +26,11 @@ class Outcome:
     flops_saved_excluding_decision: float
     mean_exit_layer: float
     exit_histogram: list[int]
+    #: the answer given on each row (N,) when asked for (`outcome(keep_answers=True)`), for paired comparisons; not serialised
+    answers: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "answers"}
 
 
 def exit_layers(scores: np.ndarray, threshold, evaluated: np.ndarray) -> np.ndarray:
@@ -64,9 +66,11 @@ class CostModel:
 
 
 def outcome(table: FeatureTable, manifest: Manifest, policy: ExitPolicy, scores: np.ndarray, threshold,
-            cost: CostModel | None = None, answers: np.ndarray | None = None, label: float | None = None) -> Outcome:
+            cost: CostModel | None = None, answers: np.ndarray | None = None, label: float | None = None,
+            keep_answers: bool = False) -> Outcome:
     """What the policy does on `table`; `answers` (N, L) replaces the layers' own answers (probes),
-    `threshold` may be one per layer, and `label` is what the Outcome records as its threshold."""
+    `threshold` may be one per layer, and `label` is what the Outcome records as its threshold.
+    `keep_answers`: the Outcome keeps each row's answer (not for sweeps: one array per threshold)."""
     cost = cost or CostModel(manifest, policy)
     exits = exit_layers(scores, threshold, cost.evaluated)
     rows = np.arange(len(exits))
@@ -81,6 +85,7 @@ def outcome(table: FeatureTable, manifest: Manifest, policy: ExitPolicy, scores:
         flops_saved_excluding_decision=float(1.0 - (blocks + head).sum() / full.sum()),
         mean_exit_layer=float(exits.mean()),
         exit_histogram=np.bincount(exits, minlength=table.num_layers + 1)[1:].tolist(),
+        answers=pred if keep_answers else None,
     )
 
 
