@@ -14,6 +14,9 @@ cannot hold: 4 of 5, max error 0.96); a float16 cache (max error 0.019) does.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -23,7 +26,10 @@ from adainfer.exporter import kv_cache, quality
 from adainfer.exporter.kv_cache import convert_kv_bundle
 from test_smollm2 import CAPITAL_QUESTION, GREEDY_PROMPTS
 
-AG_NEWS = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news_test.csv"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from kv_int8_greedy import greedy  # noqa: E402  (the measurement's own greedy / teacher-forced loop)
+
+AG_NEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ag_news_test.csv"
 #: the int8 cache's top-1 must be a token float32 rates within this of its best (logits), at every step; measured:
 #: the int8 cache (per-channel, margin 1.2) picks another token only where float32's top-2 gap is 0.048-0.069
 NEAR_TIE = 0.1
@@ -60,21 +66,6 @@ def test_kv8_perplexity_on_ag_news_text(kv8, smollm2_bundle, smollm2_hf):
     assert int8_cache["top1_agreement"] >= 0.95
 
 
-def _greedy(model, ids, stops, forced=None):
-    """Greedy 48 tokens (stopping at an end of turn), or teacher-forced on `forced`: (tokens chosen, logits)."""
-    state, logits = model.start([ids])
-    chosen, steps = [], []
-    for step in range(48):
-        steps.append(logits[0].copy())
-        chosen.append(int(logits[0].argmax()))
-        nxt = chosen[-1] if forced is None else forced[step]
-        if nxt in stops or (forced is not None and step + 1 == len(forced)):
-            break
-        logits = model.step(state, [nxt])
-    assert state.keys[0].dtype == model.manifest.kv_dtype
-    return chosen, np.array(steps)
-
-
 @pytest.mark.parametrize("prompt", GREEDY_PROMPTS + [CAPITAL_QUESTION])
 def test_kv8_greedy_48_tokens_against_float32(kv8, smollm2_bundle, prompt):
     """Every one of float32's 48 greedy steps (the chat prompt through its template, to its end of turn), the int8
@@ -86,15 +77,18 @@ def test_kv8_greedy_48_tokens_against_float32(kv8, smollm2_bundle, prompt):
     chat = prompt == CAPITAL_QUESTION
     ids = rt.conversation.prompt_ids(fp32, prompt) if chat else fp32.tokenizer.encode(prompt)
     stops = rt.conversation.stop_ids(fp32)
-    tokens32, logits32 = _greedy(fp32, ids, stops)
+    tokens32, logits32 = greedy(fp32, ids, 48, stops)
     assert len(tokens32) == 48 or (chat and tokens32[-1] in stops)
-    _, forced8 = _greedy(int8, ids, stops, forced=tokens32)
+    state, _ = int8.start([ids])
+    assert state.keys[0].dtype == np.int8 and int8.manifest.kv_dtype == "int8"  # the runtime keeps the int8 cache
+    state.close()
+    _, forced8 = greedy(int8, ids, 48, stops, forced=tokens32)
     assert forced8.shape == logits32.shape
     assert np.abs(forced8 - logits32).max() <= LOGIT_TOLERANCE
     best = logits32.max(axis=1)
     picked = logits32[np.arange(len(tokens32)), forced8.argmax(axis=1)]  # float32's logit of the int8 top-1
     assert (best - picked).max() < NEAR_TIE, f"steps {np.flatnonzero(best - picked >= NEAR_TIE).tolist()}"
-    tokens8, _ = _greedy(int8, ids, stops)
+    tokens8, _ = greedy(int8, ids, 48, stops)
     top2 = np.sort(logits32, axis=1)[:, -2:]
     near = np.flatnonzero(top2[:, 1] - top2[:, 0] < NEAR_TIE)
     first_tie = int(near[0]) if len(near) else len(tokens32)
