@@ -198,14 +198,20 @@ class CpuBackend(HostDecisions):
     def segment(self, first, last, hidden, position_ids, cache: HostKVCache):
         if first == last:
             return self.block(first, hidden, position_ids, cache)
-        graph = self.span_graphs[(first, last)]
-        feeds = {"hidden_states": hidden, "position_ids": position_ids, "attention_mask": cache.attention_mask}
-        for layer in range(first, last + 1):
+        out = self._run_layers(self.span_graphs[(first, last)], range(first, last + 1), cache,
+                               hidden_states=hidden, position_ids=position_ids)
+        return out["hidden_states_out"]
+
+    def _run_layers(self, graph: str, layers: range, cache: HostKVCache, **feeds) -> dict:
+        """Run a graph of several blocks (a span, the full step) on the cache of `layers`: each layer's past in,
+        its present back into the cache; the graph's outputs by name."""
+        feeds["attention_mask"] = cache.attention_mask
+        for layer in layers:
             feeds[f"past_key_{layer:02d}"], feeds[f"past_value_{layer:02d}"] = cache.keys[layer], cache.values[layer]
         out = dict(zip(self.sessions.outputs[graph], self._run(graph, **feeds)))
-        for layer in range(first, last + 1):
+        for layer in layers:
             cache.keys[layer], cache.values[layer] = out[f"present_key_{layer:02d}"], out[f"present_value_{layer:02d}"]
-        return out["hidden_states_out"]
+        return out
 
     @property
     def runs_full_step(self) -> bool:
@@ -223,12 +229,7 @@ class CpuBackend(HostDecisions):
                                            self.kv_dtype, m.max_positions)
             self.calls[graph] += 1
             return cache.in_place.run(cache, input_ids, position_ids)
-        feeds = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": cache.attention_mask}
-        for layer in range(self.num_layers):
-            feeds[f"past_key_{layer:02d}"], feeds[f"past_value_{layer:02d}"] = cache.keys[layer], cache.values[layer]
-        out = dict(zip(self.sessions.outputs[graph], self._run(graph, **feeds)))
-        for layer in range(self.num_layers):
-            cache.keys[layer], cache.values[layer] = out[f"present_key_{layer:02d}"], out[f"present_value_{layer:02d}"]
+        out = self._run_layers(graph, range(self.num_layers), cache, input_ids=input_ids, position_ids=position_ids)
         return out["logits"]
 
     def kv_fill_outputs(self, layer: int, hidden, position_ids) -> tuple[np.ndarray, np.ndarray]:
