@@ -204,7 +204,7 @@ class Manifest:
     @property
     def merged_graphs(self) -> set[str]:
         """Graphs that merge others into one (spans, the full step): the same computation, fewer calls."""
-        return set(self.spans.values()) | ({FULL_STEP} if FULL_STEP in self.graphs else set())
+        return set(self.spans.values()) | ({self.full_step} if self.full_step else set())
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

@@ -144,7 +144,7 @@ def check_span(bundle_dir: Path, out_dir: Path, manifest: Manifest, first: int, 
     2-token cache); refuse the export where any output differs by more than `TOLERANCE`. Returns the difference."""
     rng = np.random.default_rng(first * 1000 + last)
     m = manifest
-    kv = np.dtype(next(t.dtype for t in m.graphs[m.block_name(0)].inputs if t.name == "past_key"))
+    kv = np.dtype(m.kv_dtype)
     hidden = rng.standard_normal((1, 3, m.hidden_size)).astype(np.float32)
     feeds = {"hidden_states": hidden, "position_ids": np.arange(2, 5, dtype=np.int64)[None],
              "attention_mask": np.ones((1, 5), dtype=np.int64)}
@@ -153,9 +153,7 @@ def check_span(bundle_dir: Path, out_dir: Path, manifest: Manifest, first: int, 
     h = hidden
     for i in range(first, last + 1):
         session = make_session(bundle_dir / m.graphs[m.block_name(i)].file, threads=1)
-        names = [o.name for o in session.get_outputs()]
-        block_feeds = {**feeds, "hidden_states": h, "past_key": past[i][0], "past_value": past[i][1]}
-        out = dict(zip(names, session.run(names, {n.name: block_feeds[n.name] for n in session.get_inputs()})))
+        out = _outputs(session, {**feeds, "hidden_states": h, "past_key": past[i][0], "past_value": past[i][1]})
         h = out["hidden_states_out"]
         chained[f"present_key_{i:02d}"], chained[f"present_value_{i:02d}"] = out["present_key"], out["present_value"]
     chained["hidden_states_out"] = h
@@ -164,8 +162,7 @@ def check_span(bundle_dir: Path, out_dir: Path, manifest: Manifest, first: int, 
     span_feeds = dict(feeds)
     for i in range(first, last + 1):
         span_feeds[f"past_key_{i:02d}"], span_feeds[f"past_value_{i:02d}"] = past[i]
-    names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(names, {n.name: span_feeds[n.name] for n in session.get_inputs()})))
+    got = _outputs(session, span_feeds)
     worst = max(float(np.max(np.abs(got[k].astype(np.float64) - v.astype(np.float64)))) for k, v in chained.items())
     if not worst <= TOLERANCE:
         raise ExportError(f"{name} differs from its blocks run one after another by {worst:.3g} (allowed {TOLERANCE})")
@@ -188,9 +185,7 @@ def check_full_step(bundle_dir: Path, manifest: Manifest) -> float:
     def run(graph: str, feeds: dict) -> dict:
         if graph not in sessions:  # one session per graph for both cases (the span and full step are large)
             sessions[graph] = make_session(Path(bundle_dir) / m.graphs[graph].file, threads=1)
-        session = sessions[graph]
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, {n.name: feeds[n.name] for n in session.get_inputs()})))
+        return _outputs(sessions[graph], feeds)
 
     worst = cache = 0.0
     for batch, new, past in ((2, 1, 3), (1, 3, 2)):
@@ -211,6 +206,12 @@ def check_full_step(bundle_dir: Path, manifest: Manifest) -> float:
         raise ExportError(f"{FULL_STEP} differs from embed -> span -> head run one after another: logits by "
                           f"{worst:.3g} (allowed {LOGITS_TOLERANCE}), cache by {cache:.3g} (allowed {TOLERANCE})")
     return worst
+
+
+def _outputs(session, feeds: dict) -> dict:
+    """Every output of `session` by name, fed the entries of `feeds` it takes."""
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {n.name: feeds[n.name] for n in session.get_inputs()})))
 
 
 def _kv(rng, shape, dtype: np.dtype) -> np.ndarray:
