@@ -1,7 +1,7 @@
 """Quantization on a real model, the Qllm-Eval way (W, WA, KV), and what each does to early exit: one command.
 
     python tools/quant_study_smollm2.py [--bundle FP32_BUNDLE | --gguf GGUF] [--out docs/quant/smollm2]
-        [--variants fp32 fp16 w8a8 w4-b32 w4-b128 kv8 w4-b32+kv8 w8a8+kv8] [--calib-rows 60] [--eval-rows 40]
+        [--variants fp32 fp16 w8a8 w4-b32 w4-b128 kv8 w4-b32+kv8 w8a8+kv8] [--calib-rows 300] [--eval-rows 300]
         [--stories 8] [--articles 8] [--tokens 128] [--repeats 3] [--exit-only] [--replot OUT.json]
 
 On SmolLM2-135M-Instruct (the float32 bundle exported from its Q4_1 GGUF; `--gguf` exports it first).
@@ -32,9 +32,9 @@ them gets right, a 95% interval and the exact McNemar p; "fp32 policy within 1 p
 interval lies at or below +1 point, no when it lies above, else undecided (the rows cannot tell); a line per
 variant pools both tasks (their rows are disjoint, so the discordant counts add: `paired_counts`).
 
+One run without `--exit-only` writes every column (about an hour on 2 cores with 300 + 300 rows per task);
 `--exit-only` measures only the early-exit columns and the size on disk (no perplexity, RSS, timing, quality
-plot), so that the exit can be judged on many rows: e.g. `--exit-only --calib-rows 300 --eval-rows 300 --out
-docs/quant/smollm2_exit_transfer`.
+plot), for a quicker look at the exit alone.
 
 Writes OUT.json, OUT.md and two plots: OUT_quality_vs_size.png (perplexity ratio to fp32 against bundle size)
 and OUT_exit_saving.png (compute saved by the exit per variant), after every variant (a run cut short keeps the
@@ -398,8 +398,9 @@ def main(argv=None) -> int:
                    "reference of the quality gate; default: the GGUF the bundle records, dequantized again)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "quant" / "smollm2")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--calib-rows", type=int, default=60, help="per task: rows that calibrate the exit")
-    p.add_argument("--eval-rows", type=int, default=40, help="per task: rows that evaluate it (never calibrated on)")
+    p.add_argument("--calib-rows", type=int, default=300, help="per task: rows that calibrate the exit")
+    p.add_argument("--eval-rows", type=int, default=300, help="per task: rows that evaluate it (never calibrated on; "
+                   "300 per task, 600 pooled, so that a paired difference of a few points is resolved)")
     p.add_argument("--stories", type=int, default=8, help="held-out TinyStories stories for perplexity")
     p.add_argument("--articles", type=int, default=8, help="AG News articles for perplexity")
     p.add_argument("--tokens", type=int, default=128, help="tokens per text at most; also the timed prompt")
