@@ -1,7 +1,10 @@
-"""The cpu backend's full step with the KV cache appended in place (runtime/kv_in_place.py): the same
-logits and caches as every block run on its own, through buffer growth, early exits, forks and rollbacks."""
+"""The cpu backend's graphs with the KV cache appended in place (runtime/kv_in_place.py): the full step, spans,
+single blocks and kv fills give the same logits and caches as every block run on its own, plainly, through
+buffer growth, early exits, forks and rollbacks, and leave every layer's cache in the buffers."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 import onnx
@@ -9,7 +12,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import adainfer.runtime as rt
-from adainfer.runtime import kv_in_place
+from adainfer.bench.contenders import add_exit_spans
+from adainfer.runtime import chain, kv_in_place
 from adainfer.runtime.decoding import EarlyExitDecoder, Sampler
 from adainfer.runtime.exit_policy import ExitPolicy
 
@@ -119,7 +123,8 @@ def test_a_padded_batch_runs_its_prompt_plainly_and_its_steps_in_place(models):
 
 
 def test_only_graphs_whose_caches_come_from_group_query_attention_append_in_place(stories_bundle, tmp_path):
-    assert kv_in_place.supports(stories_bundle / "full_step.onnx", 5)
+    assert kv_in_place.supports(stories_bundle / "full_step.onnx", range(5))
+    assert kv_in_place.supports(stories_bundle / "block_03.onnx", [3], kv_in_place.plain)
     x = helper.make_tensor_value_info("past_key_00", TensorProto.FLOAT, [1, 1, None, 4])
     y = helper.make_tensor_value_info("new", TensorProto.FLOAT, [1, 1, None, 4])
     out = helper.make_tensor_value_info("present_key_00", TensorProto.FLOAT, [1, 1, None, 4])
@@ -128,4 +133,77 @@ def test_only_graphs_whose_caches_come_from_group_query_attention_append_in_plac
                                helper.make_node("Identity", ["present_key_00"], ["present_value_00"])],
                               "concat", [x, y], [out, out_v])
     onnx.save(helper.make_model(graph), tmp_path / "concat.onnx")
-    assert not kv_in_place.supports(tmp_path / "concat.onnx", 1)
+    assert not kv_in_place.supports(tmp_path / "concat.onnx", [0])
+
+
+def in_buffers(state, layers: int) -> bool:
+    """Whether every layer's keys and values are views of the cache's in-place buffers."""
+    buffers = state.in_place.buffers
+    return all(np.shares_memory(state.keys[i], buffers[0][i]) and np.shares_memory(state.values[i], buffers[1][i])
+               for i in range(layers))
+
+
+@pytest.mark.parametrize("exit_spans", [False, True], ids=["blocks", "span"])
+def test_early_exits_run_their_blocks_and_kv_fills_in_place(stories_bundle, tmp_path, monkeypatch, exit_spans):
+    """Forced exits after 2 of 5 blocks, the prompt's and then generating (the kv fill gives blocks 3-5 each
+    token's keys and values), with full steps between: through blocks 1 and 2 alone, or through a span of both
+    (`exit_spans`). The prompt's 6 positions, then 1 a step: the bound outputs change shape."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(stories_bundle, bundle)
+    if exit_spans:
+        add_exit_spans(bundle, [2])
+    monkeypatch.setattr(kv_in_place, "START_CAPACITY", 8)  # grows 6 -> 16 -> 32 below
+    fast, plain = rt.load(bundle), rt.load(bundle, spans=False)
+    layers = fast.num_layers
+    results = []
+    for model in (fast, plain):
+        decider = model.backend.make_decider(model, ExitPolicy.forced(2))
+        early = EarlyExitDecoder(model, Sampler(0.0, 1.0, np.random.default_rng(0)), decider)
+        state, ids = model.new_state(1), np.asarray([IDS], dtype=np.int64)  # the prompt exits too: 6 positions
+        run = chain.run_layers(model.backend, ids, state, np.ones_like(ids), decider)
+        chain.fill_skipped(model.backend, state, run)
+        logits = chain.last_logits(model.backend, run)
+        out = []
+        for step in range(14):
+            token = int(logits[0].argmax())
+            if step % 4 == 3:
+                logits = model.step(state, [token])
+            else:
+                logits, exit_layer, _ = early.step(state, token)
+                assert exit_layer == 2
+            out.append(logits)
+            if model is fast:
+                assert in_buffers(state, layers), step  # nothing was concatenated outside the buffers
+        results.append((state, out))
+    (state_a, out_a), (state_b, out_b) = results
+    assert max(float(np.abs(a - b).max()) for a, b in zip(out_a, out_b)) <= 1e-5
+    assert caches_equal(state_a, state_b, layers) <= 1e-5
+    assert state_a.in_place.capacity == 32
+    calls = fast.session_calls  # the prompt's exit, 11 more, 3 full steps
+    if exit_spans:
+        assert calls["span_00_01"] == 12 and calls["block_00"] == calls["block_01"] == 0
+    else:
+        assert calls["block_00"] == calls["block_01"] == 12
+    assert calls["kv_fill_02"] == calls["kv_fill_04"] == 12 and calls["full_step"] == 3
+    fast.close()
+    plain.close()
+
+
+def test_a_rollback_in_place_copies_nothing_back(models):
+    """`truncate` leaves views of the buffers' first positions: the next step appends after them, copying none
+    (the buffers are made read-only to numpy, so a copy raises; ONNX Runtime writes through its pointers)."""
+    fast, plain = models
+    state_a, _ = fast.start([IDS])
+    state_b, _ = plain.start([IDS])
+    for token in (5, 6, 7):
+        fast.step(state_a, [token])
+        plain.step(state_b, [token])
+    state_a.truncate(len(IDS) + 1)
+    state_b.truncate(len(IDS) + 1)
+    for buffers in state_a.in_place.buffers:
+        for buffer in buffers:
+            buffer.flags.writeable = False
+    la, lb = fast.step(state_a, [8]), plain.step(state_b, [8])
+    assert np.abs(la - lb).max() <= 1e-5
+    assert caches_equal(state_a, state_b, fast.num_layers) <= 1e-5
+    assert in_buffers(state_a, fast.num_layers)

@@ -1,23 +1,26 @@
-"""The full step's KV cache appended in place: no copy of the cache per token.
+"""The KV cache appended in place by the graphs that run several blocks or one: no copy of the cache per token.
 
-A block graph's `present_*` is `past + this step's keys and values`. Run plainly, every step
-allocates new arrays and copies the whole cache into them (O(context) bytes per layer per token:
-~3.7 MB a token on SmolLM2 at 80 positions, ~94 MB at 2,048). ONNX Runtime's GroupQueryAttention
-instead appends into the past buffer itself when `past_*` and `present_*` are bound to the same
-memory of `capacity` positions (its "past-present share buffer" mode, which onnxruntime-genai
-uses; the attention reads the valid length from the mask, not from the buffer). `InPlaceKV` keeps
-those buffers for one cache and an I/O binding of the full step's session on them, so a step binds
-only the token ids, positions and mask.
+A block graph's `present_*` is `past + this step's keys and values`. Run plainly, every call
+allocates new arrays and copies the whole cache of its layers into them (O(context) bytes per layer
+per token: ~3.7 MB a token on SmolLM2 at 80 positions, ~94 MB at 2,048). ONNX Runtime's
+GroupQueryAttention instead appends into the past buffer itself when `past_*` and `present_*` are
+bound to the same memory of `capacity` positions (its "past-present share buffer" mode, which
+onnxruntime-genai uses; the attention reads the valid length from the mask, not from the buffer).
+`InPlaceKV` keeps those buffers for one cache (every layer) and one I/O binding per graph that ran on
+them (the full step, a span of blocks, a single block), so a call binds only its own inputs
+(token ids or hidden states, positions, mask).
 
 The cache's per-layer arrays stay what the rest of the runtime reads (`HostKVCache.keys` /
-`values`): after a full step they are views of the buffers; a step that ran elsewhere (blocks of an
-early exit, a kv fill, a rollback) replaces them, and the next full step copies them back in.
-Used only where every `present_*` of the graph comes from GroupQueryAttention (`supports`).
+`values`): after a call in place, the layers it ran are views of the buffers; a call that replaced
+a layer's arrays elsewhere (a kv fill, a graph that cannot append in place) is copied back in by the
+next call in place that runs that layer. Used only where every `present_*` of a graph comes from
+GroupQueryAttention (`supports`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -27,51 +30,95 @@ from .onnx_refs import producers
 START_CAPACITY = 256
 
 
-def supports(graph_path: Path, layers: int) -> bool:
-    """Whether every layer's `present_key_NN` / `present_value_NN` of the graph is written by GroupQueryAttention."""
+def suffixed(layer: int) -> tuple[str, str, str, str]:
+    """A graph of several blocks (a span, the full step) names each layer's cache with its number."""
+    return (f"past_key_{layer:02d}", f"past_value_{layer:02d}", f"present_key_{layer:02d}", f"present_value_{layer:02d}")
+
+
+def plain(layer: int) -> tuple[str, str, str, str]:
+    """A single block's graph names its cache without a number."""
+    return ("past_key", "past_value", "present_key", "present_value")
+
+
+def supports(graph_path: Path, layers: Sequence[int], names: Callable = suffixed) -> bool:
+    """Whether every `present_key` / `present_value` of the graph's `layers` is written by GroupQueryAttention."""
     made_by = producers(graph_path)
-    return all(made_by.get(f"present_{kv}_{i:02d}") == "GroupQueryAttention"
-               for i in range(layers) for kv in ("key", "value"))
+    return all(made_by.get(name) == "GroupQueryAttention" for i in layers for name in names(i)[2:])
+
+
+def _prefix_of(array: np.ndarray, buffer: np.ndarray) -> bool:
+    """Whether `array` is `buffer[:, :, :n]` (what `truncate` leaves of our view): nothing to copy."""
+    return (array.ctypes.data == buffer.ctypes.data and array.strides == buffer.strides
+            and array.shape[:2] == buffer.shape[:2] and array.shape[3:] == buffer.shape[3:])
+
+
+class _Bound:
+    """One graph's I/O binding on the buffers of one capacity."""
+
+    def __init__(self, session, capacity: int):
+        self.binding, self.capacity = session.io_binding(), capacity
 
 
 class InPlaceKV:
     """Per layer a key and a value buffer `(batch, kv_heads, capacity, head_dim)` owned by one cache, and an
-    I/O binding of the full step's session reading and writing them."""
+    I/O binding per graph reading and writing them."""
 
-    def __init__(self, session, layers: int, batch: int, kv_heads: int, head_dim: int, dtype, max_positions: int):
-        self.session, self.layers = session, layers
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, dtype, max_positions: int):
+        self.layers = layers
         self.shape = (batch, kv_heads, head_dim)
         self.dtype, self.max_positions = np.dtype(dtype), max_positions
         self.capacity = 0
         self.buffers: tuple[list, list] = ([], [])  # keys, values
-        self.views: tuple[list, list] = ([None] * layers, [None] * layers)  # what the cache held after our last step
-        self.binding = session.io_binding()
+        self.views: tuple[list, list] = ([None] * layers, [None] * layers)  # what the cache held after our last call
+        self.bound: dict[str, _Bound] = {}
 
-    def run(self, cache, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """One full step on `cache` (its mask already holds this step): last-position logits; the cache's
-        arrays become views of the buffers, `total` positions long."""
+    def run(self, graph: str, session, layers: range, cache, feeds: dict, outputs: Sequence[str],
+            names: Callable = suffixed) -> list[np.ndarray]:
+        """One call of `graph` (running `layers`) on `cache`, whose mask already holds this call's positions:
+        `outputs` (copies), while the cache's arrays of `layers` become views of the buffers, `total` positions long."""
         total = cache.length
         if total > self.capacity:
             self._grow(total)
-        self._take(cache)
-        b = self.binding
-        b.bind_cpu_input("input_ids", input_ids)
-        b.bind_cpu_input("position_ids", position_ids)
+        self._take(cache, layers)
+        bound = self.bound.get(graph)
+        if bound is None or bound.capacity != self.capacity:
+            bound = self.bound[graph] = self._bind(session, layers, outputs, names)
+        b = bound.binding
+        for name, array in feeds.items():
+            b.bind_cpu_input(name, array)
+        for name in outputs:  # unallocated again: ONNX Runtime would reuse the last run's, of the last run's shape
+            b.bind_output(name, "cpu")
         b.bind_cpu_input("attention_mask", cache.attention_mask)
-        self.session.run_with_iobinding(b)
-        logits = np.array(b.get_outputs()[0].numpy())  # a copy: the bound output's memory is reused by the next run
+        session.run_with_iobinding(b)
+        values = b.get_outputs()
+        # copies: a bound output's memory is reused by the graph's next run
+        results = [np.array(values[i].numpy()) for i in range(len(outputs))]
         for kind, arrays in enumerate((cache.keys, cache.values)):
-            for layer in range(self.layers):
+            for layer in layers:
                 arrays[layer] = self.views[kind][layer] = self.buffers[kind][layer][:, :, :total]
-        return logits
+        return results
 
-    def _take(self, cache) -> None:
-        """Copy into the buffers every layer the cache changed since our last step (or never gave us)."""
+    def append(self, cache, layer: int, keys: np.ndarray, values: np.ndarray) -> bool:
+        """Write `keys` / `values` (a kv fill's) after the layer's cache in its buffers (the cache copied in first
+        if it changed elsewhere); False where they do not fit (the caller concatenates)."""
+        total = cache.keys[layer].shape[2] + keys.shape[2]
+        if total > self.capacity or keys.shape[0] != self.shape[0]:
+            return False
+        self._take(cache, range(layer, layer + 1))
+        for kind, (arrays, new) in enumerate(((cache.keys, keys), (cache.values, values))):
+            buffer = self.buffers[kind][layer]
+            buffer[:, :, arrays[layer].shape[2]:total] = new
+            arrays[layer] = self.views[kind][layer] = buffer[:, :, :total]
+        return True
+
+    def _take(self, cache, layers: range) -> None:
+        """Copy into the buffers every layer of `layers` the cache changed since our last call (or never gave us);
+        a rollback's truncated view of a buffer is already in it."""
         for kind, arrays in enumerate((cache.keys, cache.values)):
-            for layer in range(self.layers):
-                array = arrays[layer]
-                if array is not self.views[kind][layer]:
-                    self.buffers[kind][layer][:, :, :array.shape[2]] = array
+            for layer in layers:
+                array, buffer = arrays[layer], self.buffers[kind][layer]
+                if array is not self.views[kind][layer] and not _prefix_of(array, buffer):
+                    buffer[:, :, :array.shape[2]] = array
 
     def _grow(self, total: int) -> None:
         if total > self.max_positions:
@@ -80,15 +127,21 @@ class InPlaceKV:
         batch, heads, dim = self.shape
         shape = [batch, heads, capacity, dim]
         self.buffers = tuple([np.zeros(shape, dtype=self.dtype) for _ in range(self.layers)] for _ in range(2))
-        self.views = ([None] * self.layers, [None] * self.layers)  # `_take` copies the whole cache in
-        self.capacity = capacity
-        b = self.binding
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
-        b.bind_output("logits", "cpu")  # first: `run` reads output 0
-        kind_type = self.dtype.type
-        for kind, name in enumerate(("key", "value")):
-            for layer, buffer in enumerate(self.buffers[kind]):
+        self.views = ([None] * self.layers, [None] * self.layers)  # `_take` copies each layer in when it next runs
+        self.capacity = capacity  # every graph's binding is redone on its next call
+
+    def _bind(self, session, layers: range, outputs: Sequence[str], names: Callable) -> _Bound:
+        bound = _Bound(session, self.capacity)
+        b = bound.binding
+        for name in outputs:  # first: `run` reads them by position
+            b.bind_output(name, "cpu")
+        batch, heads, dim = self.shape
+        shape, kind_type = [batch, heads, self.capacity, dim], self.dtype.type
+        for layer in layers:
+            past_key, past_value, present_key, present_value = names(layer)
+            for past, present, buffer in ((past_key, present_key, self.buffers[0][layer]),
+                                          (past_value, present_value, self.buffers[1][layer])):
                 ptr = buffer.ctypes.data
-                b.bind_input(f"past_{name}_{layer:02d}", "cpu", 0, kind_type, shape, ptr)
-                b.bind_output(f"present_{name}_{layer:02d}", "cpu", 0, kind_type, shape, ptr)
+                b.bind_input(past, "cpu", 0, kind_type, shape, ptr)
+                b.bind_output(present, "cpu", 0, kind_type, shape, ptr)
+        return bound

@@ -1,9 +1,11 @@
 """The `cpu` backend: one ONNX Runtime session per graph, the KV cache in numpy.
 
 Each block call takes the cache as `past_*` arrays and returns `present_*`, which replace them
-(the concatenation happens inside the graph). Arrays are never written in place, so `fork` is a
-copy of the lists and `truncate` a slice. Loaded models serve several threads at once: every
-generation owns its cache.
+(the concatenation happens inside the graph). With spans, a graph whose caches GroupQueryAttention
+writes (the full step, a span, a block of a fused bundle) appends them in place instead
+(`kv_in_place.InPlaceKV`: buffers the cache owns, no copy of the cache per call); the cache's arrays
+are then views of those buffers, so `fork` copies them, and `truncate` is a slice either way. Loaded
+models serve several threads at once: every generation owns its cache.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ...errors import BundleError
 from ..backend import KVState, kv_dtype
 from ..bundle import Bundle
 from ..early_exit import HostDecisions
-from ..kv_in_place import InPlaceKV, supports
+from ..kv_in_place import InPlaceKV, plain, suffixed, supports
 from ..sessions import DEFAULT_PROVIDERS, make_session
 
 
@@ -39,6 +41,8 @@ class HostKVCache(KVState):
     def append(self, layer: int, keys: np.ndarray, values: np.ndarray) -> None:
         if keys.dtype != self.keys[layer].dtype:
             raise BundleError(f"kv_fill gave {keys.dtype} keys for a {self.keys[layer].dtype} cache (re-export the bundle)")
+        if self.in_place is not None and self.in_place.append(self, layer, keys, values):
+            return
         self.keys[layer] = np.concatenate([self.keys[layer], keys], axis=2)
         self.values[layer] = np.concatenate([self.values[layer], values], axis=2)
 
@@ -157,16 +161,16 @@ class CpuBackend(HostDecisions):
 
     def __init__(self, bundle: Bundle, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
                  spans: bool = True, spinning: bool = True):
-        """`spans`: run the bundle's span graphs and its full step where the chain can (False: every block
-        on its own); `spinning`: ONNX Runtime's spin-waiting threads (`sessions.session_options`)."""
+        """`spans`: run the bundle's span graphs and its full step where the chain can, and append the cache
+        in place where a graph's GroupQueryAttention can (False: every block on its own, plainly);
+        `spinning`: ONNX Runtime's spin-waiting threads (`sessions.session_options`)."""
         self.bundle, self.manifest = bundle, bundle.manifest
         self.num_layers = self.manifest.num_layers
         self.spans = used_spans(self.manifest, spans)
         self.span_graphs = self.manifest.spans  # (first, last) -> graph name, read once (not per token)
         self.full_step_graph = self.manifest.full_step if spans else None
-        # the full step appends to the cache in place where GroupQueryAttention writes every layer's cache
-        self.in_place = (self.full_step_graph is not None
-                         and supports(bundle.graph_path(self.full_step_graph), self.num_layers))
+        self.in_place = spans  # graphs append to the cache in place where their GroupQueryAttention can
+        self._appends_in_place: dict[str, bool] = {}  # graph name -> whether it can (read on first use)
         self.sessions = Sessions(bundle, providers, threads, spans=self.spans, spinning=spinning,
                                  full_step=self.full_step_graph)
         self.calls: dict[str, int] = {name: 0 for name in self.manifest.graphs}
@@ -190,17 +194,43 @@ class CpuBackend(HostDecisions):
         return hidden
 
     def block(self, layer, hidden, position_ids, cache: HostKVCache):
+        graph = self.manifest.block_name(layer)
+        out = self._run_in_place(graph, range(layer, layer + 1), cache, plain, ["hidden_states_out"],
+                                 hidden_states=hidden, position_ids=position_ids)
+        if out is not None:
+            return out[0]
         hidden, cache.keys[layer], cache.values[layer] = self._run(
-            self.manifest.block_name(layer), hidden_states=hidden, position_ids=position_ids,
+            graph, hidden_states=hidden, position_ids=position_ids,
             attention_mask=cache.attention_mask, past_key=cache.keys[layer], past_value=cache.values[layer])
         return hidden
 
     def segment(self, first, last, hidden, position_ids, cache: HostKVCache):
         if first == last:
             return self.block(first, hidden, position_ids, cache)
-        out = self._run_layers(self.span_graphs[(first, last)], range(first, last + 1), cache,
-                               hidden_states=hidden, position_ids=position_ids)
-        return out["hidden_states_out"]
+        graph, layers = self.span_graphs[(first, last)], range(first, last + 1)
+        out = self._run_in_place(graph, layers, cache, suffixed, ["hidden_states_out"],
+                                 hidden_states=hidden, position_ids=position_ids)
+        if out is not None:
+            return out[0]
+        return self._run_layers(graph, layers, cache, hidden_states=hidden, position_ids=position_ids)["hidden_states_out"]
+
+    def _run_in_place(self, graph: str, layers: range, cache: HostKVCache, names, outputs: list, **feeds):
+        """`graph`'s `outputs` with its layers' caches appended in place (`InPlaceKV`), or None where it cannot:
+        in-place off, a graph whose caches GroupQueryAttention does not write, or several new tokens for a
+        batch of several rows (GroupQueryAttention takes several new tokens on a cache for one row only)."""
+        batch, seq = next(iter(feeds.values())).shape[:2]
+        if not self.in_place or (batch > 1 and seq > 1):
+            return None
+        can = self._appends_in_place.get(graph)
+        if can is None:
+            can = self._appends_in_place[graph] = supports(self.bundle.graph_path(graph), layers, names)
+        if not can:
+            return None
+        if cache.in_place is None:
+            m = self.manifest
+            cache.in_place = InPlaceKV(m.num_layers, batch, m.num_kv_heads, m.head_dim, self.kv_dtype, m.max_positions)
+        self.calls[graph] += 1
+        return cache.in_place.run(graph, self.sessions[graph], layers, cache, feeds, outputs, names)
 
     def _run_layers(self, graph: str, layers: range, cache: HostKVCache, **feeds) -> dict:
         """Run a graph of several blocks (a span, the full step) on the cache of `layers`: each layer's past in,
@@ -220,17 +250,11 @@ class CpuBackend(HostDecisions):
     def full_step(self, input_ids, position_ids, cache: HostKVCache) -> np.ndarray:
         """Embedding, every block and the final head in one graph call (`runs_full_step`): the last position's
         logits (batch, vocab); every layer's keys and values appended."""
-        graph = self.full_step_graph
-        batch, seq = input_ids.shape
-        if self.in_place and (batch == 1 or seq == 1):  # (GroupQueryAttention takes several new tokens for one row only)
-            if cache.in_place is None:
-                m = self.manifest
-                cache.in_place = InPlaceKV(self.sessions[graph], m.num_layers, batch, m.num_kv_heads, m.head_dim,
-                                           self.kv_dtype, m.max_positions)
-            self.calls[graph] += 1
-            return cache.in_place.run(cache, input_ids, position_ids)
-        out = self._run_layers(graph, range(self.num_layers), cache, input_ids=input_ids, position_ids=position_ids)
-        return out["logits"]
+        graph, layers = self.full_step_graph, range(self.num_layers)
+        out = self._run_in_place(graph, layers, cache, suffixed, ["logits"], input_ids=input_ids, position_ids=position_ids)
+        if out is not None:
+            return out[0]
+        return self._run_layers(graph, layers, cache, input_ids=input_ids, position_ids=position_ids)["logits"]
 
     def kv_fill_outputs(self, layer: int, hidden, position_ids) -> tuple[np.ndarray, np.ndarray]:
         key, value = self._run(f"kv_fill_{layer:02d}", hidden_states=hidden, position_ids=position_ids)
