@@ -41,6 +41,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BLOCK = re.compile(r"block_(\d+)")
 #: a span of blocks FIRST..LAST (0-based, inclusive) merged into one graph (`exporter/spans.py`)
 SPAN = re.compile(r"span_(\d{2,})_(\d{2,})")
+#: the kv_fill graphs of layers first..last side by side (an exit's skipped layers filled in one call)
+FILL_SPAN = re.compile(r"kv_fill_(\d{2,})_(\d{2,})")
 #: the embedding, every block and the final head merged into one graph (`exporter/spans.py`)
 FULL_STEP = "full_step"
 
@@ -189,9 +191,17 @@ class Manifest:
     @property
     def spans(self) -> dict[tuple[int, int], str]:
         """(first, last) block (0-based, inclusive) -> graph name of every span graph the bundle has."""
+        return self._ranges(SPAN)
+
+    @property
+    def fill_spans(self) -> dict[tuple[int, int], str]:
+        """(first, last) layer (0-based, inclusive) -> graph name of every merged kv_fill graph the bundle has."""
+        return self._ranges(FILL_SPAN)
+
+    def _ranges(self, pattern: re.Pattern) -> dict[tuple[int, int], str]:
         found = {}
         for key in self.graphs:
-            match = SPAN.fullmatch(key)
+            match = pattern.fullmatch(key)
             if match:
                 found[(int(match.group(1)), int(match.group(2)))] = key
         return found
@@ -203,8 +213,9 @@ class Manifest:
 
     @property
     def merged_graphs(self) -> set[str]:
-        """Graphs that merge others into one (spans, the full step): the same computation, fewer calls."""
-        return set(self.spans.values()) | ({self.full_step} if self.full_step else set())
+        """Graphs that merge others into one (spans, merged kv fills, the full step): the same computation, fewer
+        calls."""
+        return set(self.spans.values()) | set(self.fill_spans.values()) | ({self.full_step} if self.full_step else set())
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -229,7 +240,8 @@ class Manifest:
         (spans and the full step: a span is its blocks merged, the same computation: adding spans after calibration, where the
         policy's evaluated layers are known, keeps the policy and engines built from the bundle valid)."""
         core = {k: v for k, v in self.to_dict().items() if k not in ("extras", "attachments")}
-        core["graphs"] = {k: v for k, v in core["graphs"].items() if not SPAN.fullmatch(k) and k != FULL_STEP}
+        merged = self.merged_graphs
+        core["graphs"] = {k: v for k, v in core["graphs"].items() if k not in merged}
         text = json.dumps(core, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -360,6 +372,12 @@ class Manifest:
             merged(key, first, last, "hidden_states", "hidden_states_out")
         if FULL_STEP in self.graphs:
             merged(FULL_STEP, 0, self.num_layers - 1, "input_ids", "logits")
+        for (first, last), key in self.fill_spans.items():
+            if not first < last < self.num_layers:
+                raise BundleError(f"manifest.json: graph {key} is not the kv fill of two or more of the {self.num_layers} layers")
+            layers = [f"{i:02d}" for i in range(first, last + 1)]
+            required[key] = (["hidden_states"], [f"{kv}_{i}" for i in layers for kv in ("key", "value")])
+            fixed.update({f"{kv}_{i}": kv_shape for i in layers for kv in ("key", "value")})
         spans = self.merged_graphs  # checked last: a geometry error names the graph they merge
         for key, graph in sorted(self.graphs.items(), key=lambda item: item[0] in spans):
             needed = block_io if key in self.block_names else required.get(key, ([], []))

@@ -151,7 +151,8 @@ def in_buffers(state, layers: int) -> bool:
 def test_early_exits_run_their_blocks_and_kv_fills_in_place(stories_bundle, tmp_path, monkeypatch, exit_spans):
     """Forced exits after 2 of 5 blocks, the prompt's and then generating (the kv fill gives blocks 3-5 each
     token's keys and values), with full steps between: through blocks 1 and 2 alone, or through a span of both
-    (`exit_spans`). The prompt's 6 positions, then 1 a step: the bound outputs change shape."""
+    (`exit_spans`, with the kv fill of blocks 3-5 as one graph). The prompt's 6 positions, then 1 a step: the bound
+    outputs change shape."""
     bundle = tmp_path / "bundle"
     shutil.copytree(stories_bundle, bundle)
     if exit_spans:
@@ -184,10 +185,12 @@ def test_early_exits_run_their_blocks_and_kv_fills_in_place(stories_bundle, tmp_
     assert caches_equal(state_a, state_b, layers) <= 1e-5
     assert state_a.in_place.capacity == 32
     calls = fast.session_calls  # the prompt's exit, 11 more, 3 full steps
-    if exit_spans:
+    if exit_spans:  # the bench's exit spans: blocks 1-2 as one graph, the kv fill of 3-5 as one graph
         assert calls["span_00_01"] == 12 and calls["block_00"] == calls["block_01"] == 0
+        assert calls["kv_fill_02_04"] == 12 and calls["kv_fill_02"] == calls["kv_fill_04"] == 0
     else:
         assert calls["block_00"] == calls["block_01"] == 12
-    assert calls["kv_fill_02"] == calls["kv_fill_04"] == 12 and calls["full_step"] == 3
+        assert calls["kv_fill_02"] == calls["kv_fill_04"] == 12
+    assert calls["full_step"] == 3
     fast.close()
     plain.close()

@@ -81,6 +81,23 @@ def test_the_exporters_full_step_check_refuses_a_full_step_that_reads_the_wrong_
         check_full_step(out, manifest)
 
 
+def test_the_exporters_fill_check_refuses_a_merged_kv_fill_of_the_wrong_layers(stories_bundle, tmp_path):
+    """A merged kv fill gives each layer what its kv_fill graph gives; one built from layers 2-4 but named as
+    layers 1-3 (every layer's keys from the next layer's projections) is refused."""
+    from adainfer.errors import ExportError
+    from adainfer.exporter.span_writer import add_spans, check_fill_spans
+    from adainfer.exporter.spans import merge_fills
+
+    out = tmp_path / "b"
+    shutil.copytree(stories_bundle, out)
+    manifest = add_spans(out, Manifest.load(out), [], fills=[(1, 4)])  # checked on the way
+    assert manifest.fill_spans == {(1, 4): "kv_fill_01_04"}
+    assert 0.0 <= check_fill_spans(out, out, manifest, [(1, 4)]) <= 1e-5
+    merge_fills(out, [f"kv_fill_{i:02d}.onnx" for i in (2, 3, 4, 4)], 1, "kv_fill_01_04.onnx")
+    with pytest.raises(ExportError, match="kv_fill_01_04 differs from its layers' kv_fill graphs"):
+        check_fill_spans(out, out, manifest, [(1, 4)])
+
+
 def test_the_exporters_span_check_measures_the_span_against_its_blocks(stories_bundle):
     manifest = Manifest.load(stories_bundle)
     assert check_span(stories_bundle, stories_bundle, manifest, 0, 4) <= 1e-5
@@ -228,6 +245,7 @@ def test_calibration_adds_the_policys_spans_in_one_staged_update(stories_bundle,
         assert sorted(Manifest.load(bundle).spans) == [(0, 4)]  # not yet live
     after = Manifest.load(bundle)
     assert sorted(after.spans) == [(0, 2), (0, 4), (3, 4)] == sorted(manifest.spans)
+    assert after.fill_spans == {(3, 4): "kv_fill_03_04"}  # an exit after 3 blocks fills blocks 4-5 in one call
     assert after.digest() == before.digest()
     assert (bundle / "shared_weights.bin").stat().st_size == weights and (bundle / "span_00_02.onnx").stat().st_size < 64 << 10
     model = rt.load(bundle)

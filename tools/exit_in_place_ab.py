@@ -1,8 +1,10 @@
 """Does appending the cache in place pay for early exits? A/B of the cpu backend with every GroupQueryAttention
 graph appending in place (the full step, exit spans, single blocks, kv fills: "after") against only the full step
-doing so (the others copying the cache into new arrays every call, as before: "before").
+doing so (the others copying the cache into new arrays every call, as before: "before"). With `--before
+layer-fills`: the merged kv fill of an exit's skipped layers (one call) against one kv_fill call per layer.
 
-    python tools/exit_in_place_ab.py BUNDLE [--repeats 5] [--threads 2] [--out docs/bench/exit-in-place]
+    python tools/exit_in_place_ab.py BUNDLE [--before copying|layer-fills] [--repeats 5] [--threads 2]
+        [--out docs/bench/exit-in-place]
 
 BUNDLE: a fused Llama-layout bundle with the exit spans of the forced exits measured (`adainfer bench` adds them
 to its own copy: e.g. its `bench-...-fp32-head8` cache directory). Two worker processes, one per variant ("before"
@@ -31,7 +33,7 @@ CASES = [("full", 16, 64), ("exit@8", 16, 64), ("exit@22", 16, 64), ("gen@8", 16
          ("full", 1000, 16), ("exit@8", 1000, 16), ("exit@22", 1000, 16), ("gen@8", 1000, 16), ("gen@22", 1000, 16)]
 
 
-def worker(bundle: str, variant: str, threads: int) -> None:
+def worker(bundle: str, variant: str, threads: int, before: str) -> None:
     sys.path.insert(0, str(ROOT))
     import adainfer.runtime as rt
     from adainfer.bench.contenders import Chain, EarlyExit
@@ -39,7 +41,9 @@ def worker(bundle: str, variant: str, threads: int) -> None:
     from adainfer.runtime.decoding import EarlyExitDecoder, Sampler
     from adainfer.runtime.exit_policy import ExitPolicy
 
-    if variant == "before":
+    if variant == "before" and before == "layer-fills":
+        cpu.CpuBackend.kv_fill_span = lambda self, *args: False
+    elif variant == "before":
         in_place = cpu.CpuBackend._run_in_place
 
         def only_full_step(self, graph, *args, **kwargs):
@@ -72,16 +76,18 @@ def worker(bundle: str, variant: str, threads: int) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bundle")
+    p.add_argument("--before", choices=("copying", "layer-fills"), default="copying")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "exit-in-place")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.bundle, args.worker, args.threads)
+        worker(args.bundle, args.worker, args.threads, args.before)
         return 0
     load_start = os.getloadavg()
-    workers = {v: subprocess.Popen([sys.executable, __file__, args.bundle, "--worker", v, "--threads", str(args.threads)],
+    workers = {v: subprocess.Popen([sys.executable, __file__, args.bundle, "--worker", v, "--threads", str(args.threads),
+                                    "--before", args.before],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for v in ("before", "after")}
     samples: dict = {(c, v): [] for c in CASES for v in workers}
     for repeat in range(args.repeats):
@@ -105,7 +111,7 @@ def main() -> int:
              "|---|---|---|---|---|"]
     lines += [f"| {r['prompt_tokens']} | {r['case']} | {r['before_ms']:.2f} ({r['before_of_full']:.3f}) | "
               f"{r['after_ms']:.2f} ({r['after_of_full']:.3f}) | {r['after_over_before']:.3f} |" for r in rows]
-    machine = f"{args.repeats} interleaved repeats, {args.threads} threads, load average {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    machine = f"before: {args.before}; {args.repeats} interleaved repeats, {args.threads} threads, load average {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     table = "\n".join(lines) + f"\n\n{machine}; bundle {Path(args.bundle).name}.\n"
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

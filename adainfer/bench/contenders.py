@@ -254,12 +254,13 @@ def forced_layers(num_layers: int) -> list[int]:
 
 
 def add_exit_spans(bundle: Path, layers: list[int]) -> None:
-    """The spans a forced exit after each of `layers` blocks runs (what `adainfer calib` writes for a policy that
-    evaluates there), added to `bench`'s own bundle before it is loaded: an exit at k is then embed -> span of
-    k blocks -> final head, as a calibrated bundle runs it, not k block calls."""
+    """The spans a forced exit after each of `layers` blocks runs and the merged kv fill of the blocks it skips
+    (what `adainfer calib` writes for a policy that evaluates there), added to `bench`'s own bundle before it is
+    loaded: an exit at k is then embed -> span of k blocks -> final head, as a calibrated bundle runs it, not k
+    block calls."""
     if not layers:
         return
-    from ..exporter.span_writer import add_spans
+    from ..exporter.span_writer import add_spans, exit_fills
     from ..manifest import Manifest
     from ..runtime.exit_policy import ExitPolicy
     from ..runtime.segments import policy_stops, span_ranges
@@ -267,7 +268,7 @@ def add_exit_spans(bundle: Path, layers: list[int]) -> None:
     manifest = Manifest.load(bundle)
     L = manifest.num_layers
     ranges = [r for k in layers for r in span_ranges(L, policy_stops(ExitPolicy.forced(k), L))]
-    add_spans(bundle, manifest, ranges)
+    add_spans(bundle, manifest, ranges, fills=exit_fills(L, layers))
 
 
 def load_chain(bundle: Path, threads: int):

@@ -417,16 +417,18 @@ def _write(bundle_dir: Path, model, winner: Candidate, held: FeatureTable, heads
 
 
 def _add_policy_spans(bundle_dir: Path, manifest, policy: ExitPolicy, out_dir: Path):
-    """The spans between the layers `policy` evaluates (an early-exit step then runs them, not their blocks),
-    written beside the update; only into bundles whose export wrote the full-depth span (the blocks' weights
-    are then in the shared file the new spans point into: no weight bytes added)."""
-    from ..exporter.span_writer import add_spans
+    """The spans between the layers `policy` evaluates (an early-exit step then runs them, not their blocks) and
+    the merged kv fills of the layers an exit at each of them skips, written beside the update; only into bundles
+    whose export wrote the full-depth span (the weights are then in the shared file the new graphs point into:
+    no weight bytes added)."""
+    from ..exporter.span_writer import add_spans, exit_fills
     from ..runtime.segments import policy_stops, span_ranges
 
     L = manifest.num_layers
     if (0, L - 1) not in manifest.spans:
         return manifest
-    return add_spans(bundle_dir, manifest, span_ranges(L, policy_stops(policy, L)), out_dir=out_dir)
+    return add_spans(bundle_dir, manifest, span_ranges(L, policy_stops(policy, L)),
+                     fills=exit_fills(L, policy.evaluated_layers(L)), out_dir=out_dir)
 
 
 class _NoModel:

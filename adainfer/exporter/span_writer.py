@@ -26,7 +26,7 @@ from ..manifest import GraphSpec, Manifest, file_spec
 from ..runtime.segments import Segment
 from ..runtime.sessions import make_session
 from .shared_weights import share_weights
-from .spans import FULL_STEP, merge_blocks, merge_full_step, span_name
+from .spans import FULL_STEP, fill_name, merge_blocks, merge_fills, merge_full_step, span_name
 
 #: largest difference allowed between a span's outputs and its chained blocks' (they run the same kernels)
 TOLERANCE = 1e-5
@@ -100,15 +100,18 @@ def reshare(bundle_dir: Path, manifest: Manifest, threshold: int) -> Manifest:
     return manifest
 
 
-def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], *,
+def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], *, fills: Iterable[Segment] = (),
               check: bool = True, out_dir: Optional[Path] = None) -> Manifest:
-    """Write a span graph for every (first, last) of `ranges` the bundle lacks; returns the manifest listing them
-    (saved into `out_dir`, default `bundle_dir`). The spans point into the files the blocks read and keep the
-    blocks' small inline tensors (while exporting, `reshare` then moves what they share into the shared file)."""
+    """Write a span graph for every (first, last) of `ranges` and a merged kv_fill graph for every (first, last) of
+    `fills` the bundle lacks; returns the manifest listing them (saved into `out_dir`, default `bundle_dir`). They
+    point into the files the blocks and kv fills read and keep their small inline tensors (while exporting,
+    `reshare` then moves what they share into the shared file)."""
     bundle_dir = Path(bundle_dir)
     out_dir = Path(out_dir) if out_dir is not None else bundle_dir
     ranges = [r for r in dict.fromkeys(ranges) if r not in manifest.spans and r[1] > r[0]]
-    if not ranges:
+    fills = [r for r in dict.fromkeys(fills) if r not in manifest.fill_spans and r[1] > r[0]
+             and all(f"kv_fill_{i:02d}" in manifest.graphs for i in range(r[0], r[1] + 1))]
+    if not ranges and not fills:
         return manifest
     precision = manifest.graphs[manifest.block_name(0)].precision
     if out_dir != bundle_dir:  # a staged update: the data files the spans will read, linked beside them
@@ -118,11 +121,16 @@ def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], *
     # new spans listed first: sharing reads the graphs in this order, and a span reads the blocks' own data files,
     # which rewriting a block removes (so a second `share_weights` in manifest order changes nothing)
     graphs: dict = {span_name(first, last): None for first, last in ranges}
+    graphs.update({fill_name(first, last): None for first, last in fills})
     graphs.update(manifest.graphs)
     for first, last in ranges:
         name = span_name(first, last)
         files = [manifest.graphs[manifest.block_name(i)].file for i in range(first, last + 1)]
         merge_blocks(bundle_dir, files, first, f"{name}.onnx", out_dir=out_dir)
+    for first, last in fills:
+        name = fill_name(first, last)
+        files = [manifest.graphs[f"kv_fill_{i:02d}"].file for i in range(first, last + 1)]
+        merge_fills(bundle_dir, files, first, f"{name}.onnx", out_dir=out_dir)
     graphs = {k: spec if spec is not None else dataclasses.replace(graph_spec(out_dir, f"{k}.onnx"), precision=precision)
               for k, spec in graphs.items()}
     manifest = dataclasses.replace(manifest, graphs=graphs)
@@ -130,7 +138,13 @@ def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], *
     if check:
         for first, last in ranges:
             check_span(bundle_dir, out_dir, manifest, first, last)
+        check_fill_spans(bundle_dir, out_dir, manifest, fills)
     return manifest
+
+
+def exit_fills(num_layers: int, exits: Iterable[int]) -> list[Segment]:
+    """The kv fills an exit after each of `exits` blocks runs: layers exit..L-1 (0-based), where two or more."""
+    return [(k, num_layers - 1) for k in sorted(set(exits)) if 0 < k < num_layers - 1]
 
 
 def graph_spec(root: Path, file: str) -> GraphSpec:
@@ -166,6 +180,32 @@ def check_span(bundle_dir: Path, out_dir: Path, manifest: Manifest, first: int, 
     worst = max(float(np.max(np.abs(got[k].astype(np.float64) - v.astype(np.float64)))) for k, v in chained.items())
     if not worst <= TOLERANCE:
         raise ExportError(f"{name} differs from its blocks run one after another by {worst:.3g} (allowed {TOLERANCE})")
+    return worst
+
+
+def check_fill_spans(bundle_dir: Path, out_dir: Path, manifest: Manifest, fills: Iterable[Segment]) -> float:
+    """Run every merged kv fill of `fills` and each layer's kv_fill graph (once, shared by the fills) on one random
+    hidden state of 3 positions; refuse the export where any key or value differs by more than `TOLERANCE`.
+    Returns the largest difference."""
+    rng = np.random.default_rng(7)
+    m = manifest
+    feeds = {"hidden_states": rng.standard_normal((1, 3, m.hidden_size)).astype(np.float32),
+             "position_ids": np.arange(2, 5, dtype=np.int64)[None]}
+    layers: dict[int, dict] = {}
+    worst = 0.0
+    for first, last in fills:
+        name = fill_name(first, last)
+        got = _outputs(make_session(out_dir / m.graphs[name].file, threads=1), feeds)
+        diff = 0.0
+        for i in range(first, last + 1):
+            if i not in layers:
+                layers[i] = _outputs(make_session(bundle_dir / m.graphs[f"kv_fill_{i:02d}"].file, threads=1), feeds)
+            for kv in ("key", "value"):
+                diff = max(diff, float(np.max(np.abs(got[f"{kv}_{i:02d}"].astype(np.float64)
+                                                     - layers[i][kv].astype(np.float64)))))
+        if not diff <= TOLERANCE:
+            raise ExportError(f"{name} differs from its layers' kv_fill graphs by {diff:.3g} (allowed {TOLERANCE})")
+        worst = max(worst, diff)
     return worst
 
 

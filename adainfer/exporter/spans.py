@@ -97,6 +97,11 @@ def merge_blocks(bundle_dir: Path, block_files: list[str], first: int, out_file:
     model = helper.make_model(merged, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
                               producer_name="adainfer-spans")
     model.ir_version = models[0].ir_version
+    return _save_checked(model, bundle_dir, out_dir, out_file)
+
+
+def _save_checked(model: onnx.ModelProto, bundle_dir: Path, out_dir: Path | None, out_file: str) -> Path:
+    """Save a merged graph into `out_dir` (default `bundle_dir`) and check it."""
     path = Path(out_dir or bundle_dir) / out_file
     onnx.save_model(model, str(path))
     if out_dir is None or Path(out_dir) == bundle_dir:
@@ -104,6 +109,40 @@ def merge_blocks(bundle_dir: Path, block_files: list[str], first: int, out_file:
     else:  # the data files beside a staged span are links, which the checker refuses: check the structure only
         onnx.checker.check_model(_without_external_data(model))
     return path
+
+
+def fill_name(first: int, last: int) -> str:
+    return f"kv_fill_{first:02d}_{last:02d}"
+
+
+def merge_fills(bundle_dir: Path, fill_files: list[str], first: int, out_file: str, out_dir: Path | None = None) -> Path:
+    """Write `out_dir/out_file` (default `bundle_dir`): the kv_fill graphs `fill_files` (layers first, first + 1, ...)
+    side by side as one graph reading the same `hidden_states, position_ids` and giving `key_NN, value_NN` per
+    layer: an exit's skipped layers filled in one call instead of one call each (weights where they were)."""
+    bundle_dir = Path(bundle_dir)
+    models = _same_opset([onnx.load(str(bundle_dir / f), load_external_data=False) for f in fill_files])
+    nodes, inits, inputs, outputs, infos = [], [], [], [], []
+    opsets: dict[str, int] = {}
+    for offset, model in enumerate(models):
+        index = first + offset
+        for o in model.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+        keep = {"hidden_states": "hidden_states", "position_ids": "position_ids",
+                "key": f"key_{index:02d}", "value": f"value_{index:02d}"}
+        graph = prefixed(model, f"fill/{index:02d}/", keep, f"kv_fill {index}")
+        nodes += graph.node
+        inits += graph.initializer
+        infos += graph.value_info
+        inputs += [v for v in graph.input if v.name not in inputs_seen(inputs) and not v.name.startswith("fill/")]
+        outputs += list(graph.output)
+    kept, alias = _same_bytes_once(inits)
+    for node in nodes:
+        node.input[:] = [alias.get(n, n) for n in node.input]
+    merged = helper.make_graph(nodes, out_file.removesuffix(".onnx"), inputs, outputs, kept, value_info=infos)
+    model = helper.make_model(merged, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                              producer_name="adainfer-spans")
+    model.ir_version = models[0].ir_version
+    return _save_checked(model, bundle_dir, out_dir, out_file)
 
 
 def _without_external_data(model: onnx.ModelProto) -> onnx.ModelProto:

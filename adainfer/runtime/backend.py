@@ -129,6 +129,10 @@ class Backend(Protocol):
         """Append to layer `layer` the keys and values its `kv_fill` graph gives for `hidden`
         (the exit hidden state of a token that skipped the layer)."""
 
+    def kv_fill_span(self, first: int, last: int, hidden: Any, position_ids: np.ndarray, cache: KVCache) -> bool:
+        """Optional: `kv_fill` of layers first..last in one call, where the backend runs a merged kv fill graph of
+        them (`Manifest.fill_spans`); False where it does not (`chain.fill_skipped` then fills layer by layer)."""
+
     def rows(self, hidden: Any, which: str = "last") -> Any:
         """(rows, hidden) for the heads: the last position of every batch row (`"last"`), or every
         position of a batch of one (`"all"`)."""

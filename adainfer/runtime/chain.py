@@ -59,8 +59,11 @@ def fill_skipped(backend: Backend, cache: KVCache, run: LayerRun) -> None:
         return
     if not backend.has_kv_fill:
         raise BundleError("this bundle has no kv_fill graphs (re-export it to generate with early exit)")
-    for layer in range(run.exit_layer, backend.num_layers):  # 0-based: the skipped blocks
-        backend.kv_fill(layer, run.hidden, run.position_ids, cache)
+    # 0-based: the skipped blocks, in one call where the backend has them merged (`kv_fill_span`)
+    fill_span = getattr(backend, "kv_fill_span", None)
+    if fill_span is None or not fill_span(run.exit_layer, backend.num_layers - 1, run.hidden, run.position_ids, cache):
+        for layer in range(run.exit_layer, backend.num_layers):
+            backend.kv_fill(layer, run.hidden, run.position_ids, cache)
     cache.complete_layers = backend.num_layers
 
 

@@ -168,6 +168,7 @@ class CpuBackend(HostDecisions):
         self.num_layers = self.manifest.num_layers
         self.spans = used_spans(self.manifest, spans)
         self.span_graphs = self.manifest.spans  # (first, last) -> graph name, read once (not per token)
+        self.fill_graphs = self.manifest.fill_spans if spans else {}  # (first, last) -> merged kv fill, read once
         self.full_step_graph = self.manifest.full_step if spans else None
         self.in_place = spans  # graphs append to the cache in place where their GroupQueryAttention can
         self._appends_in_place: dict[str, bool] = {}  # graph name -> whether it can (read on first use)
@@ -262,6 +263,15 @@ class CpuBackend(HostDecisions):
 
     def kv_fill(self, layer, hidden, position_ids, cache: HostKVCache) -> None:
         cache.append(layer, *self.kv_fill_outputs(layer, hidden, position_ids))
+
+    def kv_fill_span(self, first, last, hidden, position_ids, cache: HostKVCache) -> bool:
+        graph = self.fill_graphs.get((first, last))
+        if graph is None:
+            return False
+        out = dict(zip(self.sessions.outputs[graph], self._run(graph, hidden_states=hidden, position_ids=position_ids)))
+        for layer in range(first, last + 1):
+            cache.append(layer, out[f"key_{layer:02d}"], out[f"value_{layer:02d}"])
+        return True
 
     def rows(self, hidden, which: str = "last"):
         return hidden[:, -1, :] if which == "last" else hidden.reshape(-1, hidden.shape[-1])
