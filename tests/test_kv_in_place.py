@@ -160,6 +160,8 @@ def test_early_exits_run_their_blocks_and_kv_fills_in_place(stories_bundle, tmp_
     monkeypatch.setattr(kv_in_place, "START_CAPACITY", 8)  # grows 6 -> 16 -> 32 below
     fast, plain = rt.load(bundle), rt.load(bundle, spans=False)
     layers = fast.num_layers
+    if exit_spans:  # a merged kv fill is checked against the manifest and made on first use, not at load
+        assert fast.backend.sessions.outputs["kv_fill_02_04"] is None
     results = []
     for model in (fast, plain):
         decider = model.backend.make_decider(model, ExitPolicy.forced(2))
@@ -194,3 +196,22 @@ def test_early_exits_run_their_blocks_and_kv_fills_in_place(stories_bundle, tmp_
     assert calls["full_step"] == 3
     fast.close()
     plain.close()
+
+
+def test_a_merged_kv_fill_that_is_not_the_manifests_is_refused_when_first_used(stories_bundle, tmp_path):
+    """Merged kv fills are checked against the manifest when first made (not at load): one whose graph gives
+    another dtype than the manifest states is refused in one line the first time an exit needs it."""
+    import json
+
+    from adainfer.errors import BundleError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(stories_bundle, bundle)
+    add_exit_spans(bundle, [2])
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["graphs"]["kv_fill_02_04"]["outputs"][0]["dtype"] = "float16"
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    model = rt.load(bundle)  # loads: the merged fill is not checked yet
+    with pytest.raises(BundleError, match="kv_fill_02_04.onnx outputs"):
+        model.generate(IDS, max_new_tokens=3, mode="early-exit", policy=ExitPolicy.forced(2), stop_at_eos=False)
+    model.close()

@@ -79,7 +79,8 @@ class Sessions(Mapping):
     full step (embedding, blocks and final head as one graph), that is the only graph made at load: the
     embedding, the heads and the full-depth span follow on first use (early exit, all-position logits).
     Every graph's interface is checked against the manifest at load all the same, by a session that
-    skips graph optimization and weight prepacking (weights in external data are mapped, not read)."""
+    skips graph optimization and weight prepacking (weights in external data are mapped, not read), except
+    the merged kv fills', checked when first made."""
 
     LAZY = ("exit_head", "kv_fill_")
 
@@ -108,7 +109,12 @@ class Sessions(Mapping):
         self.outputs = dict.fromkeys(names)
         # the heads and the embedding first: loading a graph holds its raw weights and their prepacked
         # copy for a moment, so the vocabulary-sized ones go while little else is resident (peak RSS)
+        # merged kv fills (one per layer a calibrated policy may exit at: dozens) are checked and made on first use,
+        # not at load: they are small, only generation that exits runs them, and checking each at load cost ~75 ms
+        self._deferred = set(m.fill_spans.values())
         for name in sorted(names, key=lambda n: n not in ("final_head", "exit_head", "embed")):
+            if name in self._deferred:
+                continue
             lazy = name.startswith(self.LAZY) or name in lazy_names
             if name in unused:
                 session = make_session(bundle.graph_path(name), light=True)
@@ -130,10 +136,14 @@ class Sessions(Mapping):
             with self._lock:
                 session = self._sessions.get(name)
                 if session is None:
-                    session = self._sessions[name] = make_session(self.bundle.graph_path(name), self._providers(name),
-                                                                  self.threads, require=self.require,
-                                                                  spinning=self.spinning,
-                                                                  keep_spinning=name == self.full_step)
+                    session = make_session(self.bundle.graph_path(name), self._providers(name), self.threads,
+                                           require=self.require, spinning=self.spinning,
+                                           keep_spinning=name == self.full_step)
+                    if name in self._deferred:
+                        self.bundle.check_session(name, session)
+                        self.inputs[name] = [i.name for i in session.get_inputs()]
+                        self.outputs[name] = [o.name for o in session.get_outputs()]
+                    self._sessions[name] = session
         return session
 
     def _providers(self, name: str):
@@ -268,7 +278,8 @@ class CpuBackend(HostDecisions):
         graph = self.fill_graphs.get((first, last))
         if graph is None:
             return False
-        out = dict(zip(self.sessions.outputs[graph], self._run(graph, hidden_states=hidden, position_ids=position_ids)))
+        values = self._run(graph, hidden_states=hidden, position_ids=position_ids)  # (its session first: names known)
+        out = dict(zip(self.sessions.outputs[graph], values))
         for layer in range(first, last + 1):
             cache.append(layer, out[f"key_{layer:02d}"], out[f"value_{layer:02d}"])
         return True
