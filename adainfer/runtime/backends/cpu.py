@@ -26,7 +26,7 @@ from ..sessions import DEFAULT_PROVIDERS, make_session
 
 class HostKVCache(KVState):
     """Per-layer keys and values as numpy arrays `(batch, kv_heads, length, head_dim)` in the block graphs' dtype
-    (after a full step in place: views of `in_place`'s buffers, which this cache owns)."""
+    (after a call in place: the layers it ran are views of `in_place`'s buffers, which this cache owns)."""
 
     def __init__(self, keys: list, values: list, batch: int):
         self.keys, self.values = keys, values
