@@ -23,8 +23,12 @@ SHAPES = {
 }
 SEED = 0
 SOURCE_KEY = "bench_source"
-#: bench-only precision names: float32 blocks with the LM heads at this many bits (`adainfer-export --head-bits`)
-HEAD_VARIANTS = {"fp32-head8": 8, "fp32-head4": 4}
+#: bench-only precision names -> (the export's --precision, its head options): float32 blocks with the LM heads
+#: at 8 or 4 bits (`adainfer-export --head-bits`), and 8-bit heads ranking at 4 bits with their best 64 tokens
+#: re-scored at 8 (`--head-refine 64`)
+VARIANTS = {"fp32-head8": ("fp32", dict(head_bits=8)), "fp32-head4": ("fp32", dict(head_bits=4)),
+            "fp32-head8-refine": ("fp32", dict(head_bits=8, head_refine=64)),
+            "int4-refine": ("int4", dict(head_refine=64))}
 
 
 class BenchError(AdainferError):
@@ -147,8 +151,9 @@ def bundle_for(source: dict, cache_dir: Path, progress: bool = True, precision: 
     if fp32 is None:
         manifest = export_model(model, out, model_dir=model_dir, force=True, verify=True, progress=progress,
                                 monolithic=True)
-    elif precision in HEAD_VARIANTS:  # float32 blocks, quantized LM heads
-        manifest = convert_bundle(model, fp32, out, "fp32", force=True, head_bits=HEAD_VARIANTS[precision])
+    elif precision in VARIANTS:  # another treatment of the LM heads
+        base, options = VARIANTS[precision]
+        manifest = convert_bundle(model, fp32, out, base, force=True, **options)
     else:  # converted from the cached float32 bundle (checked as an export is), not exported again
         manifest = convert_bundle(model, fp32, out, precision, force=True)
     manifest = dataclasses.replace(manifest, extras={**manifest.extras, SOURCE_KEY: source})
@@ -160,7 +165,11 @@ def _current_quantization(manifest, precision: str) -> bool:
     """Whether a cached bundle was converted with today's settings (e.g. before projections were fused, it was not)."""
     from ..exporter import quantize
 
-    wanted = quantize.nbits_settings(precision) if precision in quantize.PRECISIONS else {}
+    if precision in VARIANTS:
+        base, options = VARIANTS[precision]
+        wanted = {**(quantize.nbits_settings(base) if base in quantize.NBITS else {}), **options}
+    else:
+        wanted = quantize.nbits_settings(precision) if precision in quantize.PRECISIONS else {}
     recorded = manifest.extras.get("quantization", {})
     return all(recorded.get(k) == v for k, v in wanted.items())
 

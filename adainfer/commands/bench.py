@@ -101,7 +101,7 @@ def main(args) -> int:
     if args.repeats < 1 or args.decode_tokens < 1 or args.warmup < 0:
         raise InputError("--repeats and --decode-tokens must be at least 1, --warmup at least 0")
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    known = (*PRECISIONS, *shapes.HEAD_VARIANTS)
+    known = (*PRECISIONS, *shapes.VARIANTS)
     unknown = [p for p in precisions if p not in known]
     if unknown or "fp32" not in precisions:
         raise InputError(f"--precisions: choose from {', '.join(known)}, fp32 included")

@@ -37,6 +37,10 @@ def parser() -> argparse.ArgumentParser:
                         "4 halves the bytes the LM head reads per token). fp32: convert only the exit and final heads to "
                         "8- or 4-bit MatMulNBits (float32 blocks; the head is read at every token and every exit), "
                         "judged by the quality check instead of equality")
+    p.add_argument("--head-refine", type=int, default=0, metavar="N",
+                   help="8-bit LM heads (int4's, or fp32 with --head-bits 8) compute every logit from a 4-bit copy and "
+                        "re-score the N best at 8 bits: the 8-bit head's choice for about the 4-bit head's cost "
+                        "(64 is plenty on SmolLM2; default 0: off)")
     p.add_argument("--kv", choices=KV_DTYPES, default="float32",
                    help="KV cache type: int8 keeps keys and values as int8 with static scales calibrated on the bundled "
                         "TinyStories text (fused Llama blocks only; 0.25x the float32 bytes per token). Default: float32")
@@ -69,7 +73,7 @@ def main(argv=None) -> int:
         out = args.output or default_bundle_dir(model_dir)
         manifest = export(model_dir, out, force=args.force, verify=not args.no_verify, progress=not args.quiet, monolithic=args.monolithic,
                           precision=args.precision, quantize_heads=args.quantize_heads, fused=not args.generic_blocks,
-                          block_size=args.block_size, grid=args.grid, head_bits=args.head_bits,
+                          block_size=args.block_size, grid=args.grid, head_bits=args.head_bits, head_refine=args.head_refine,
                           kv=args.kv, kv_scaling=args.kv_scaling, kv_margin=args.kv_margin)
         print(f"wrote {out}: {manifest.family} ({manifest.model_type}), {manifest.num_layers} blocks, "
               f"hidden {manifest.hidden_size}, vocab {manifest.vocab_size}")

@@ -27,12 +27,14 @@ LM_HEADS = ("exit_head", "final_head")
 
 
 def quantize_graphs(model, tmp: Path, manifest: Manifest, precision: str, heads: bool, verify: bool,
-                    threshold: int, block_size: int, grid: str = "gguf", head_bits: Optional[int] = None) -> Manifest:
+                    threshold: int, block_size: int, grid: str = "gguf", head_bits: Optional[int] = None,
+                    head_refine: int = 0) -> Manifest:
     """Convert the verified float32 graphs of the bundle in `tmp` in place, check each one's structure, judge
     the converted chain's quality on held-out text against `model` (float32), rewrite the manifest.
     `grid`, `head_bits`: int4's (`quantize.convert`); `precision` "fp32" with `head_bits` converts only the LM heads
     (exit and final head) to `head_bits`-bit MatMulNBits: float32 blocks, a head that reads 4-8x fewer bytes at
-    every token and every exit, judged by the quality check (`quality.THRESHOLDS["fp32-head8"]`)."""
+    every token and every exit, judged by the quality check (`quality.THRESHOLDS["fp32-head8"]`). `head_refine`:
+    the 8-bit LM heads rank at 4 bits and re-score their best `head_refine` tokens at 8 (`head_refine.py`)."""
     from .writer import _graph_spec, _share
 
     defs = {gdef.name: gdef for gdef in graph_defs(adapter_for(model))}
@@ -48,13 +50,13 @@ def quantize_graphs(model, tmp: Path, manifest: Manifest, precision: str, heads:
         bits = head_bits if precision in ("int4", "fp32") and name in HEAD_GRAPHS else None
         # an LM head at head_bits goes the int4 way: a GGUF Q8_0 table is re-encoded exactly at 8 bits
         quantize.convert(path, path, "int4" if heads_only else precision, external_data_threshold=threshold,
-                         block_size=block_size, grid=grid, bits=bits)
+                         block_size=block_size, grid=grid, bits=bits, refine=head_refine if name in LM_HEADS else 0)
         if verify:
             with torch.no_grad():
                 verify_graph_structure(defs[name], path)
         graphs[name] = dataclasses.replace(_graph_spec(path), precision=f"int{bits}" if heads_only else precision)
-    settings = (quantize.nbits_settings("int4", block_size, grid, head_bits) if heads_only
-                else quantize.nbits_settings(precision, block_size, grid, head_bits))
+    settings = (quantize.nbits_settings("int4", block_size, grid, head_bits, head_refine) if heads_only
+                else quantize.nbits_settings(precision, block_size, grid, head_bits, head_refine))
     info = {"precision": precision, "quantize_heads": heads, **settings,
             "verified": verify, "onnxruntime": quantize.ort_version()}
     if heads_only:
@@ -78,14 +80,14 @@ def quantize_graphs(model, tmp: Path, manifest: Manifest, precision: str, heads:
 def convert_bundle(model, src: Path, out_dir: Path, precision: str, *, quantize_heads: Optional[bool] = None,
                    block_size: int = quantize.NBITS_BLOCK_SIZE, force: bool = False, verify: bool = True,
                    external_data_threshold: int = 1 << 30, grid: str = "gguf",
-                   head_bits: Optional[int] = None) -> Manifest:
+                   head_bits: Optional[int] = None, head_refine: int = 0) -> Manifest:
     """Write `out_dir`: the float32 bundle `src` (exported from `model`) at `precision`, checked as an export is."""
     from ..errors import ExportError
     from ..manifest import Manifest
 
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
-    quantize.check_options(precision, grid, head_bits)
+    quantize.check_options(precision, grid, head_bits, head_refine)
     heads = quantize.heads_by_default(precision) if quantize_heads is None else quantize_heads
     from .span_writer import add_full_span, without_spans
 
@@ -96,6 +98,6 @@ def convert_bundle(model, src: Path, out_dir: Path, precision: str, *, quantize_
     with staging.staged_directory(Path(out_dir), force=force) as tmp:
         manifest = staging.copy_export(src, manifest, tmp)
         manifest = quantize_graphs(model.eval().float(), tmp, manifest, precision, heads, verify,
-                                   external_data_threshold, block_size, grid, head_bits)
+                                   external_data_threshold, block_size, grid, head_bits, head_refine)
         manifest = add_full_span(tmp, manifest, external_data_threshold, check=verify)
     return manifest

@@ -30,7 +30,8 @@ Weights on a GGUF grid are re-encoded exactly (`grid="gguf"`, the default, `gguf
 `grid="rtn"` rounds every weight to a new symmetric 4-bit grid instead, as onnxruntime-genai does
 (faster: no float offset term; less faithful: measured agreement in docs/bench/speed-profile.md).
 `head_bits` sets the embedding's and heads' bits under int4: 8 keeps a Q8_0 table exact (or rounds
-to 8 bits), 4 rounds them to 4 bits (genai's int4 LM head: half the bytes read per token).
+to 8 bits), 4 rounds them to 4 bits (genai's int4 LM head: half the bytes read per token). `refine` keeps an
+8-bit head's ranking at nearly 4-bit cost: 4-bit logits, the best candidates re-scored at 8 (`head_refine.py`).
 
 Why `accuracy_level` 4 (int8 compute): ONNX Runtime's CPU `MatMulNBits` kernel
 (contrib_ops/cpu/quantization/matmul_nbits.cc) picks MLAS's `SQNBIT_CompInt8` only for accuracy
@@ -57,6 +58,7 @@ import onnx
 
 from ..errors import ExportError
 from .graph_files import replace_body, save_graph
+from .head_refine import refine_heads
 
 PRECISIONS = ("fp32", "fp16", "int8-weight", "int8-dynamic", "int4")
 #: bits of the weight-only MatMulNBits precisions
@@ -106,18 +108,24 @@ def check_head_bits(head_bits) -> None:
         raise ExportError(f"unsupported head bits {head_bits} (choose from {', '.join(map(str, HEAD_BITS))})")
 
 
-def check_options(precision: str, grid: str, head_bits) -> None:
-    """`grid` is int4's, `head_bits` int4's or a float32 bundle's: refuse them where they would be ignored."""
+def check_options(precision: str, grid: str, head_bits, head_refine: int = 0) -> None:
+    """`grid` is int4's, `head_bits` int4's or a float32 bundle's, `head_refine` an 8-bit head's: refuse them
+    where they would be ignored."""
     check_grid(grid)
     check_head_bits(head_bits)
     if grid != "gguf" and precision != "int4":
         raise ExportError(f"--grid {grid} applies to --precision int4 only (got {precision})")
     if head_bits is not None and precision not in ("int4", "fp32"):
         raise ExportError(f"--head-bits applies to --precision int4 or fp32 only (got {precision})")
+    if head_refine < 0:
+        raise ExportError(f"--head-refine takes a number of candidates >= 1, or 0 for none (got {head_refine})")
+    if head_refine and ((precision, head_bits) not in (("int4", None), ("int4", 8), ("fp32", 8))):
+        raise ExportError("--head-refine re-scores an 8-bit LM head: use it with --precision int4 (8-bit heads) "
+                          "or --precision fp32 --head-bits 8")
 
 
 def nbits_settings(precision: str, block_size: int = NBITS_BLOCK_SIZE, grid: str = "gguf",
-                   head_bits=None) -> dict:
+                   head_bits=None, head_refine: int = 0) -> dict:
     """What the manifest records for a MatMulNBits precision ({} for the others)."""
     if precision not in NBITS:
         return {}
@@ -125,6 +133,8 @@ def nbits_settings(precision: str, block_size: int = NBITS_BLOCK_SIZE, grid: str
                 "symmetric": True, "fused_projections": True}
     if precision == "int4":
         settings.update(grid=check_grid(grid), head_bits=head_bits)
+    if head_refine:
+        settings.update(head_refine=head_refine)
     return settings
 
 
@@ -350,13 +360,14 @@ def _quiet():
 
 
 def convert(src: Path, dst: Path, precision: str, external_data_threshold: int = 1 << 30,
-            block_size: int = NBITS_BLOCK_SIZE, grid: str = "gguf", bits=None) -> None:
+            block_size: int = NBITS_BLOCK_SIZE, grid: str = "gguf", bits=None, refine: int = 0) -> None:
     """Write `src` (a float32 graph) to `dst` at `precision`; `src` and `dst` may be the same file.
 
     `block_size`: MatMulNBits block along K (int8-weight, int4). `grid` (int4): "gguf" re-encodes weights on a
     GGUF grid exactly, "rtn" rounds them again. `bits` (MatMulNBits precisions): this graph's bits instead of the
     precision's (an int4 bundle's heads at 8 or 4 bits); weights are then rounded to that many bits, except a
-    GGUF grid of that width with `grid="gguf"`.
+    GGUF grid of that width with `grid="gguf"`. `refine` (an LM head graph converted to 8 bits): its head ranks
+    at 4 bits and re-scores its best `refine` tokens at 8 (`head_refine.py`).
 
     `dst` keeps its weights in `<dst name>.data` (ONNX external data) when they exceed
     `external_data_threshold`; a `.data` file of `src` that `dst` no longer uses is removed.
@@ -387,6 +398,8 @@ def convert(src: Path, dst: Path, precision: str, external_data_threshold: int =
                     # int4 keeps GGUF grids (4- or 8-bit) unless asked to round again or for 4-bit heads
                     exact = precision == "int4" and grid == "gguf" and bits != 4
                     result = _to_nbits(named_src, out, model, bits or NBITS[precision], block_size, exact=exact)
+                    if refine:
+                        result = refine_heads(result, refine)
             _drop_unused(result)
             weight_bytes = sum(len(t.raw_data) for t in result.graph.initializer)
             for stale in (src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")):

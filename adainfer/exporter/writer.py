@@ -102,6 +102,7 @@ def export(
     block_size: int = quantize.NBITS_BLOCK_SIZE,
     grid: str = "gguf",
     head_bits: Optional[int] = None,
+    head_refine: int = 0,
     kv: str = "float32",
     kv_scaling: str = "per-channel",
     kv_margin: float = kv_cache.DEFAULT_MARGIN,
@@ -113,7 +114,7 @@ def export(
     manifest records it under `source`."""
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
-    quantize.check_options(precision, grid, head_bits)
+    quantize.check_options(precision, grid, head_bits, head_refine)
     kv_cache.check_kv(kv, kv_scaling, kv_margin)
     if kv != "float32" and not fused:
         raise ExportError(f"--kv {kv} needs the fused blocks (GroupQueryAttention); --generic-blocks keeps a float32 cache")
@@ -124,7 +125,7 @@ def export(
     staging.check_target(out_dir, force)
     options = dict(force=force, verify=verify, progress=progress, precision=precision, quantize_heads=quantize_heads,
                    monolithic=monolithic, fused=fused, block_size=block_size, grid=grid, head_bits=head_bits,
-                   kv=kv, kv_scaling=kv_scaling, kv_margin=kv_margin)
+                   head_refine=head_refine, kv=kv, kv_scaling=kv_scaling, kv_margin=kv_margin)
     if gguf is None:
         return export_model(load_model(model_dir), out_dir, model_dir=model_dir, **options)
     header = gguf_source.read_header(gguf)  # refuses an unsupported architecture or a damaged file first
@@ -159,6 +160,7 @@ def export_model(
     block_size: int = quantize.NBITS_BLOCK_SIZE,
     grid: str = "gguf",
     head_bits: Optional[int] = None,
+    head_refine: int = 0,
     kv: str = "float32",
     kv_scaling: str = "per-channel",
     kv_margin: float = kv_cache.DEFAULT_MARGIN,
@@ -173,14 +175,15 @@ def export_model(
     exported and verified, checks each converted graph's structure and the chain's top-1 agreement and
     perplexity on held-out text against the thresholds `quality.THRESHOLDS` states. `block_size`: the
     MatMulNBits block (int8-weight, int4), recorded in the manifest; `grid` and `head_bits`: int4's treatment of
-    weights on a GGUF grid and the embedding's and heads' bits (`quantize.convert`). `monolithic` also writes the whole model as
+    weights on a GGUF grid and the embedding's and heads' bits (`quantize.convert`); `head_refine`: 8-bit LM heads
+    rank at 4 bits and re-score that many candidates at 8 (`head_refine.py`). `monolithic` also writes the whole model as
     one graph, `model.onnx` (see `monolithic.py`), the baseline `adainfer bench` compares with. `kv` "int8": the
     block graphs keep an int8 KV cache with static `kv_scaling` scales calibrated on text (`kv_cache.py`), judged
     on held-out text before any precision conversion; only fused blocks can (GroupQueryAttention holds it).
     """
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
-    quantize.check_options(precision, grid, head_bits)
+    quantize.check_options(precision, grid, head_bits, head_refine)
     kv_cache.check_kv(kv, kv_scaling, kv_margin)
     quantize_heads = quantize.heads_by_default(precision) if quantize_heads is None else quantize_heads
     out_dir = Path(out_dir)
@@ -209,7 +212,7 @@ def export_model(
             manifest = kv_cache.quantize_kv(tmp, manifest, kv_scaling, kv_margin, model=model, verify=verify)
         if precision != "fp32" or head_bits is not None:  # fp32 with head_bits: only the LM heads are converted
             manifest = convert.quantize_graphs(model, tmp, manifest, precision, quantize_heads, verify,
-                                               external_data_threshold, block_size, grid, head_bits)
+                                               external_data_threshold, block_size, grid, head_bits, head_refine)
         # all blocks as one graph (`span_writer`): full-depth steps run embed -> span -> head
         manifest = span_writer.add_full_span(tmp, manifest, external_data_threshold, check=verify)
     return manifest
