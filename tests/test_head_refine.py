@@ -94,7 +94,10 @@ def test_refinement_is_refused_without_an_8_bit_head_or_with_too_many_candidates
     for precision, head_bits in (("fp16", None), ("fp32", None), ("int4", 4), ("int8-weight", None)):
         with pytest.raises(ExportError, match="--head-refine re-scores an 8-bit LM head"):
             quantize.check_options(precision, "gguf", head_bits, 64)
+    with pytest.raises(ExportError, match="--no-quantize-heads keeps the heads float32"):
+        quantize.check_options("int4", "gguf", 8, 64, quantize_heads=False)
     quantize.check_options("int4", "gguf", None, 64)
+    quantize.check_options("int4", "gguf", 8, 64, quantize_heads=True)
     quantize.check_options("fp32", "gguf", 8, 64)
 
 

@@ -87,7 +87,7 @@ def convert_bundle(model, src: Path, out_dir: Path, precision: str, *, quantize_
 
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
-    quantize.check_options(precision, grid, head_bits, head_refine)
+    quantize.check_options(precision, grid, head_bits, head_refine, quantize_heads)
     heads = quantize.heads_by_default(precision) if quantize_heads is None else quantize_heads
     from .span_writer import add_full_span, without_spans
 

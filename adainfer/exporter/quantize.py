@@ -108,9 +108,9 @@ def check_head_bits(head_bits) -> None:
         raise ExportError(f"unsupported head bits {head_bits} (choose from {', '.join(map(str, HEAD_BITS))})")
 
 
-def check_options(precision: str, grid: str, head_bits, head_refine: int = 0) -> None:
+def check_options(precision: str, grid: str, head_bits, head_refine: int = 0, quantize_heads=None) -> None:
     """`grid` is int4's, `head_bits` int4's or a float32 bundle's, `head_refine` an 8-bit head's: refuse them
-    where they would be ignored."""
+    where they would be ignored (`quantize_heads` False: int4 leaves the heads float32)."""
     check_grid(grid)
     check_head_bits(head_bits)
     if grid != "gguf" and precision != "int4":
@@ -122,6 +122,8 @@ def check_options(precision: str, grid: str, head_bits, head_refine: int = 0) ->
     if head_refine and ((precision, head_bits) not in (("int4", None), ("int4", 8), ("fp32", 8))):
         raise ExportError("--head-refine re-scores an 8-bit LM head: use it with --precision int4 (8-bit heads) "
                           "or --precision fp32 --head-bits 8")
+    if head_refine and precision == "int4" and quantize_heads is False:
+        raise ExportError("--head-refine re-scores an 8-bit LM head: --no-quantize-heads keeps the heads float32")
 
 
 def nbits_settings(precision: str, block_size: int = NBITS_BLOCK_SIZE, grid: str = "gguf",

@@ -114,7 +114,7 @@ def export(
     manifest records it under `source`."""
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
-    quantize.check_options(precision, grid, head_bits, head_refine)
+    quantize.check_options(precision, grid, head_bits, head_refine, quantize_heads)
     kv_cache.check_kv(kv, kv_scaling, kv_margin)
     if kv != "float32" and not fused:
         raise ExportError(f"--kv {kv} needs the fused blocks (GroupQueryAttention); --generic-blocks keeps a float32 cache")
@@ -183,7 +183,7 @@ def export_model(
     """
     quantize.check_precision(precision)
     quantize.check_block_size(block_size)
-    quantize.check_options(precision, grid, head_bits, head_refine)
+    quantize.check_options(precision, grid, head_bits, head_refine, quantize_heads)
     kv_cache.check_kv(kv, kv_scaling, kv_margin)
     quantize_heads = quantize.heads_by_default(precision) if quantize_heads is None else quantize_heads
     out_dir = Path(out_dir)
