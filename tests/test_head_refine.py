@@ -1,4 +1,5 @@
-"""An 8-bit LM head ranking at 4 bits and re-scoring its best candidates at 8 (`exporter/head_refine.py`)."""
+"""An 8-bit LM head ranking at 4 bits and re-scoring its best candidates at 8 (`exporter/head_refine.py`); the
+calibration's label head cut from quantized heads (`calib/head_graphs.label_head`)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ from adainfer.exporter.head_refine import refine_heads, round_to_4_bits
 K, VOCAB, BLOCK = 128, 2048, 32
 
 
-def _eight_bit_head(rng) -> tuple[onnx.ModelProto, np.ndarray]:
-    """(a graph x (b, s, K) -> logits (b, s, VOCAB) through an 8-bit MatMulNBits, its dequantized table (VOCAB, K))."""
+def _eight_bit_head(rng, shape=("b", "s")) -> tuple[onnx.ModelProto, np.ndarray]:
+    """(a graph x (*shape, K) -> logits (*shape, VOCAB) through an 8-bit MatMulNBits, its dequantized table (VOCAB, K))."""
     table = rng.integers(1, 256, (VOCAB, K), dtype=np.uint8)  # stored codes; 128 is zero
     scales = rng.uniform(0.001, 0.01, (VOCAB, K // BLOCK)).astype(np.float32)
     node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["logits"], name="head", domain="com.microsoft",
                             K=K, N=VOCAB, bits=8, block_size=BLOCK, accuracy_level=4)
-    graph = helper.make_graph([node], "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", VOCAB])],
+    graph = helper.make_graph([node], "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*shape, K])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [*shape, VOCAB])],
                               [numpy_helper.from_array(table.reshape(VOCAB, K // BLOCK, BLOCK), "B"),
                                numpy_helper.from_array(scales.reshape(-1), "S")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
@@ -127,3 +128,59 @@ def test_refine_on_the_command_line_exports_and_refuses_in_one_line(tmp_path):
     want, got = bundles["head8"].last_logits(prompts), bundles["refined"].last_logits(prompts)
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert np.abs(got.max(-1) - want.max(-1)).max() < 0.05  # the best logit re-scored at 8 bits, float activations
+
+
+@pytest.mark.parametrize("head", ["8-bit", "refined", "4-bit"])
+def test_label_head_is_cut_from_a_quantized_head(tmp_path, head):
+    """Calibrating a classification task on an int4 or 8-bit-head bundle needs the LM head cut down to the label
+    words: from an 8-bit head or a refined one, their 8-bit rows (x @ rows, float: 1e-4); from a 4-bit head, its
+    4-bit rows; the graph keeps no vocabulary-sized weight."""
+    from adainfer.calib.head_graphs import label_head
+
+    rng = np.random.default_rng(5)
+    model, weights = _eight_bit_head(rng, shape=("rows",))
+    if head == "refined":
+        refine_heads(model, 64)
+    elif head == "4-bit":
+        b, s = (numpy_helper.to_array(t) for t in model.graph.initializer)
+        packed, steps = round_to_4_bits(b.reshape(VOCAB, K), s.reshape(VOCAB, K // BLOCK), BLOCK)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend([numpy_helper.from_array(packed, "B"), numpy_helper.from_array(steps, "S")])
+        for a in model.graph.node[0].attribute:
+            if a.name == "bits":
+                a.i = 4
+        codes = np.stack([packed & 15, packed >> 4], axis=-1).reshape(VOCAB, K // BLOCK, BLOCK).astype(np.float32)
+        weights = ((codes - 8) * steps.reshape(VOCAB, K // BLOCK, 1)).reshape(VOCAB, K)
+    onnx.save(model, str(tmp_path / "head.onnx"))
+    ids = [3, 700, 1999]
+    label_head(tmp_path / "head.onnx", tmp_path / "label.onnx", VOCAB, ids)
+    cut = onnx.load(str(tmp_path / "label.onnx"))
+    assert max(int(np.prod(t.dims)) for t in cut.graph.initializer) == K * len(ids)
+    session = ort.InferenceSession(str(tmp_path / "label.onnx"), providers=["CPUExecutionProvider"])
+    x = rng.normal(size=(6, K)).astype(np.float32)
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x})))
+    want = x @ weights[ids].T
+    assert np.abs(got["label_logits"] - want).max() < 1e-4
+    assert np.array_equal(got["top1_id"], np.asarray(ids)[want.argmax(-1)])
+
+
+def test_classification_calibration_runs_on_an_int4_bundle_with_8_bit_heads(tmp_path):
+    """Before, `adainfer calib --task sst2` on a bundle with quantized LM heads stopped with "exit head: no MatMul
+    with a vocabulary-sized weight"; now it calibrates and writes its policy."""
+    import json
+
+    from conftest import ROOT, run_cli
+
+    sst2 = next(d / "sst2_dev.tsv" for d in (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data")
+                if (d / "sst2_dev.tsv").exists())
+
+    bundle = tmp_path / "int4"
+    code, _, err = run_cli("adainfer-export", "-o", str(bundle), "--precision", "int4", "--head-bits", "8",
+                           "--head-refine", "16", "--no-calib", "--quiet")
+    assert code == 0, err
+    code, out, err = run_cli("adainfer", "calib", str(bundle), "--data", str(sst2),
+                             "--task", "sst2", "--limit", "400", "--target-agreement", "0.9")
+    assert code == 0, err
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["extras"]["quantization"]["head_refine"] == 16
+    assert "exit_policy" in manifest["attachments"] and "chosen:" in out

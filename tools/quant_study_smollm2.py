@@ -164,7 +164,8 @@ def build_variant(name: str, fp32: Path, work: Path, hf_model, kv_fp32: dict) ->
             return source, {**info, "gate": "passes"}
     out = work / name
     # heads stay float32 for every precision: the label head that answers (and decides) classification is cut
-    # from the float final head (`calib.head_graphs.label_head` cannot cut an int4 MatMulNBits head)
+    # from the float final head, so every row compares the blocks' precision alone (label_head can also cut a
+    # quantized head since the seventh session; the study's numbers were measured with float heads)
     convert_bundle(hf_model, source, out, precision, block_size=block, quantize_heads=False, force=True, verify=False)
     return out, {**info, "quantize_heads": False}
 

@@ -30,6 +30,56 @@ def _lm_head_matmul(model: onnx.ModelProto, vocab_size: int):
     raise AdainferError("exit head: no MatMul with a vocabulary-sized weight (cannot build a low-rank head)")
 
 
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _dequantized_rows(data: np.ndarray, scales: np.ndarray, bits: int, hidden: int) -> np.ndarray:
+    """Float rows (rows, hidden) of symmetric MatMulNBits / GatherBlockQuantized storage: `data` (rows, blocks,
+    bytes per block) or (rows, hidden) codes, `scales` (rows, blocks); zero point 2^(bits-1), low nibble first."""
+    rows = data.shape[0]
+    codes = data.reshape(rows, -1)
+    if bits == 4:
+        codes = np.stack([codes & 15, codes >> 4], axis=-1).reshape(rows, -1)
+    blocks = scales.reshape(rows, -1)
+    w = (codes[:, :hidden].astype(np.float32) - (1 << (bits - 1))).reshape(rows, blocks.shape[1], -1)
+    return (w * blocks[:, :, None]).reshape(rows, hidden)
+
+
+def _quantized_lm_head(model: onnx.ModelProto, vocab_size: int):
+    """(x, out, nodes, rows) of an LM head the exporter quantized: one MatMulNBits with N = vocabulary (8 or 4 bits,
+    symmetric), possibly refined (`exporter/head_refine.py`: its 8-bit table is a GatherBlockQuantized). `nodes`
+    are those between the head's input `x` and its logits `out`; `rows(ids)` dequantizes those rows of the
+    table (the 8-bit one when refined), (k, hidden) float32."""
+    inits = {i.name: i for i in model.graph.initializer}
+    heads = [n for n in model.graph.node if n.op_type == "MatMulNBits" and _attrs(n).get("N") == vocab_size
+             and len([i for i in n.input if i]) == 3]
+    if len(heads) != 1:
+        raise AdainferError("label head: no LM head with a vocabulary-sized weight (float MatMul or MatMulNBits)")
+    head = heads[0]
+    x, hidden = head.input[0], _attrs(head)["K"]
+    tables = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized" and n.input[0] in inits
+              and inits[n.input[0]].dims[0] == vocab_size]
+    if tables:  # refined: the 4-bit copy ranks, the 8-bit table (stored as for the embedding) re-scores
+        (table,) = tables
+        (scatter,) = [n for n in model.graph.node if n.op_type == "ScatterElements"]
+        out, bits = scatter.output[0], _attrs(table)["bits"]
+        data, scales = (numpy_helper.to_array(inits[n]) for n in table.input[::2])
+    else:
+        out, bits = head.output[0], _attrs(head)["bits"]
+        data, scales = (numpy_helper.to_array(inits[n]) for n in head.input[1:3])
+    producers = {o: n for n in model.graph.node for o in n.output}
+    nodes, todo = [], [out]
+    while todo:  # every node between x and out
+        name = todo.pop()
+        node = producers.get(name)
+        if name == x or node is None or node in nodes:
+            continue
+        nodes.append(node)
+        todo += list(node.input)
+    return x, out, nodes, lambda ids: _dequantized_rows(data[ids], scales.reshape(vocab_size, -1)[ids], bits, hidden)
+
+
 def lowrank_head(exit_head: Path, out: Path, vocab_size: int, rank: int) -> dict:
     """Replace the LM head W (hidden x vocab) by its rank-`rank` truncated SVD A @ B."""
     model = onnx.load(str(exit_head))
@@ -107,20 +157,25 @@ def label_head(final_head: Path, out: Path, vocab_size: int, label_token_ids: li
     label words only. |labels| x hidden multiply-accumulates instead of vocab x hidden."""
     model = onnx.load(str(final_head))
     graph = model.graph
-    node, init, weight = _lm_head_matmul(model, vocab_size)  # weight: hidden x vocab
     ids = np.asarray(label_token_ids, dtype=np.int64)
     if ids.size < 2 or ids.min() < 0 or ids.max() >= vocab_size:
         raise AdainferError(f"label head: label token ids {ids.tolist()} must be >= 2 ids within the vocabulary")
-    users = [n for n in graph.node if init.name in n.input]
-    if users != [node]:
-        raise AdainferError("label head: the LM head weight is shared with other nodes (cannot cut it down)")
-    cut = weight[..., ids] if node.op_type == "MatMul" else weight[:, ids].T  # Gemm(transB=1): k x hidden
-    graph.initializer.remove(init)
-    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(cut), init.name))
+    try:
+        node, init, weight = _lm_head_matmul(model, vocab_size)  # weight: hidden x vocab
+    except AdainferError:  # a quantized head: its label rows dequantized into a float MatMul
+        weight_name = _cut_quantized_head(model, vocab_size, ids)
+    else:
+        weight_name = init.name
+        users = [n for n in graph.node if init.name in n.input]
+        if users != [node]:
+            raise AdainferError("label head: the LM head weight is shared with other nodes (cannot cut it down)")
+        cut = weight[..., ids] if node.op_type == "MatMul" else weight[:, ids].T  # Gemm(transB=1): k x hidden
+        graph.initializer.remove(init)
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(cut), init.name))
     inits = {i.name: i for i in graph.initializer}
     for n in graph.node:  # a vocabulary-sized bias (GPT-2 / OPT heads have none, but be exact if present)
         for name in n.input:
-            if name in inits and name != init.name and list(inits[name].dims) == [vocab_size]:
+            if name in inits and name != weight_name and list(inits[name].dims) == [vocab_size]:
                 bias = numpy_helper.to_array(inits[name])
                 graph.initializer.remove(inits[name])
                 graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(bias[ids]), name))
@@ -150,3 +205,21 @@ def label_head(final_head: Path, out: Path, vocab_size: int, label_token_ids: li
     onnx.checker.check_model(model)
     onnx.save_model(model, str(out))
 
+
+def _cut_quantized_head(model: onnx.ModelProto, vocab_size: int, ids: np.ndarray) -> str:
+    """Replace a quantized LM head (`_quantized_lm_head`) by `x @ rows(ids).T`, the label words' logits in float32;
+    returns the new weight's name."""
+    graph = model.graph
+    x, out, nodes, rows = _quantized_lm_head(model, vocab_size)
+    outputs = {o for n in nodes for o in n.output} - {out}
+    if any(i in outputs for n in graph.node if n not in nodes for i in n.input):
+        raise AdainferError("label head: the LM head's intermediate values are used elsewhere (cannot cut it down)")
+    index = min(list(graph.node).index(n) for n in nodes)
+    for n in nodes:
+        graph.node.remove(n)
+    graph.node.insert(index, helper.make_node("MatMul", [x, "label_head_weight"], [out], name="label_head_matmul"))
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(rows(ids).T), "label_head_weight"))
+    return "label_head_weight"
