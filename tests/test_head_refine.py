@@ -166,8 +166,11 @@ def test_label_head_is_cut_from_a_quantized_head(tmp_path, head):
 
 def test_classification_calibration_runs_on_an_int4_bundle_with_8_bit_heads(tmp_path):
     """Before, `adainfer calib --task sst2` on a bundle with quantized LM heads stopped with "exit head: no MatMul
-    with a vocabulary-sized weight"; now it calibrates and writes its policy."""
+    with a vocabulary-sized weight"; now it calibrates and writes its policy. A hard-linked copy of the bundle
+    (whose external data onnx refuses to read) is refused in one line instead of a traceback."""
     import json
+    import os
+    import shutil
 
     from conftest import ROOT, run_cli
 
@@ -178,6 +181,13 @@ def test_classification_calibration_runs_on_an_int4_bundle_with_8_bit_heads(tmp_
     code, _, err = run_cli("adainfer-export", "-o", str(bundle), "--precision", "int4", "--head-bits", "8",
                            "--head-refine", "16", "--no-calib", "--quiet")
     assert code == 0, err
+    linked = tmp_path / "linked"  # onnx refuses external data with several hard links: one line, nothing changed
+    shutil.copytree(bundle, linked, copy_function=os.link)
+    before = {f.name: f.stat().st_mtime_ns for f in linked.iterdir()}
+    code, _, err = run_cli("adainfer", "calib", str(linked), "--data", str(sst2), "--task", "sst2", "--limit", "400")
+    assert code == 2 and err.strip().count("\n") == 0 and "(copy the bundle without hard links)" in err, err
+    assert {f.name: f.stat().st_mtime_ns for f in linked.iterdir()} == before
+    shutil.rmtree(linked)  # the original's files are single links again
     code, out, err = run_cli("adainfer", "calib", str(bundle), "--data", str(sst2),
                              "--task", "sst2", "--limit", "400", "--target-agreement", "0.9")
     assert code == 0, err
