@@ -69,11 +69,8 @@ def merge_blocks(bundle_dir: Path, block_files: list[str], first: int, out_file:
     models = [onnx.load(str(bundle_dir / f), load_external_data=False) for f in block_files]
     nodes, inits, inputs, outputs, infos = [], [], [], [], []
     hidden = "hidden_states"
-    opsets: dict[str, int] = {}
     for offset, model in enumerate(models):
         index = first + offset
-        for o in model.opset_import:
-            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
         graph = _renamed(model, index, hidden)
         nodes += graph.node
         inits += graph.initializer
@@ -94,10 +91,19 @@ def merge_blocks(bundle_dir: Path, block_files: list[str], first: int, out_file:
     final.name = "hidden_states_out"
     nodes.append(helper.make_node("Identity", [hidden], ["hidden_states_out"], name="span/hidden_states_out"))
     merged = helper.make_graph(nodes, out_file.removesuffix(".onnx"), inputs, [final] + outputs, inits, value_info=infos)
-    model = helper.make_model(merged, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+    return _save_checked(_merged_model(merged, models, models[0].ir_version), bundle_dir, out_dir, out_file)
+
+
+def _merged_model(graph: onnx.GraphProto, models: list, ir_version: int) -> onnx.ModelProto:
+    """`graph` as a model importing, per domain, the highest opset among the `models` it merges."""
+    opsets: dict[str, int] = {}
+    for model in models:
+        for o in model.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
                               producer_name="adainfer-spans")
-    model.ir_version = models[0].ir_version
-    return _save_checked(model, bundle_dir, out_dir, out_file)
+    model.ir_version = ir_version
+    return model
 
 
 def _save_checked(model: onnx.ModelProto, bundle_dir: Path, out_dir: Path | None, out_file: str) -> Path:
@@ -122,11 +128,8 @@ def merge_fills(bundle_dir: Path, fill_files: list[str], first: int, out_file: s
     bundle_dir = Path(bundle_dir)
     models = _same_opset([onnx.load(str(bundle_dir / f), load_external_data=False) for f in fill_files])
     nodes, inits, inputs, outputs, infos = [], [], [], [], []
-    opsets: dict[str, int] = {}
     for offset, model in enumerate(models):
         index = first + offset
-        for o in model.opset_import:
-            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
         keep = {"hidden_states": "hidden_states", "position_ids": "position_ids",
                 "key": f"key_{index:02d}", "value": f"value_{index:02d}"}
         graph = prefixed(model, f"fill/{index:02d}/", keep, f"kv_fill {index}")
@@ -139,10 +142,7 @@ def merge_fills(bundle_dir: Path, fill_files: list[str], first: int, out_file: s
     for node in nodes:
         node.input[:] = [alias.get(n, n) for n in node.input]
     merged = helper.make_graph(nodes, out_file.removesuffix(".onnx"), inputs, outputs, kept, value_info=infos)
-    model = helper.make_model(merged, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
-                              producer_name="adainfer-spans")
-    model.ir_version = models[0].ir_version
-    return _save_checked(model, bundle_dir, out_dir, out_file)
+    return _save_checked(_merged_model(merged, models, models[0].ir_version), bundle_dir, out_dir, out_file)
 
 
 def _without_external_data(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -218,14 +218,8 @@ def merge_full_step(bundle_dir: Path, embed_file: str, span_file: str, head_file
     outputs = [*h.output, *(v for v in s.output if v.name != "hidden_states_out")]
     infos = [*e.output, *e.value_info, *s.value_info, *h.value_info,
              *(v for v in s.output if v.name == "hidden_states_out")]
-    opsets: dict[str, int] = {}
-    for model in (embed, span, head):
-        for o in model.opset_import:
-            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
     graph = helper.make_graph(nodes, out_file.removesuffix(".onnx"), inputs, outputs, initializers, value_info=infos)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
-                              producer_name="adainfer-spans")
-    model.ir_version = max(embed.ir_version, span.ir_version, head.ir_version)
+    model = _merged_model(graph, [embed, span, head], max(embed.ir_version, span.ir_version, head.ir_version))
     path = Path(out_dir or bundle_dir) / out_file
     onnx.save_model(model, str(path))
     onnx.checker.check_model(_without_external_data(model))
