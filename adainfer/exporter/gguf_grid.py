@@ -69,13 +69,18 @@ def grid_kind(w: np.ndarray) -> Optional[str]:
     return "q8_0" if q8_0_grid(w) is not None else None
 
 
+def pack_4_bits(codes: np.ndarray) -> np.ndarray:
+    """MatMulNBits' 4-bit storage of `codes` (..., block) in 0..15: two to a byte along the last axis, low nibble first."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
 def _nbits_node(name: str, x: str, out: str, q: np.ndarray, scales: np.ndarray, bits: int, block: int,
                 accuracy_level: int, zero_points: Optional[np.ndarray]) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """A MatMulNBits node for stored integers q (K, N) (already offset to unsigned) and scales (K/block, N)."""
     k, n = q.shape
     per_block = q.T.reshape(n, k // block, block)
     if bits == 4:
-        data = (per_block[:, :, 0::2] | (per_block[:, :, 1::2] << 4)).astype(np.uint8)
+        data = pack_4_bits(per_block)
     else:
         data = per_block.astype(np.uint8)
     inits = [numpy_helper.from_array(data, f"{name}_B"), numpy_helper.from_array(scales.T.reshape(-1).copy(), f"{name}_scales")]

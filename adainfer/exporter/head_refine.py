@@ -30,6 +30,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
+from .gguf_grid import pack_4_bits
 from .graph_files import replace_body
 
 #: MatMulNBits' default zero point at 8 bits (unsigned storage of symmetric integers)
@@ -55,8 +56,7 @@ def round_to_4_bits(table: np.ndarray, scales: np.ndarray, block: int) -> tuple[
     step = np.abs(w).max(axis=2) / 7
     safe = np.where(step > 0, step, 1.0)
     codes = (np.clip(np.rint(w / safe[:, :, None]), -8, 7) + 8).astype(np.uint8)
-    packed = (codes[:, :, 0::2] | (codes[:, :, 1::2] << 4)).astype(np.uint8)
-    return packed, step.astype(np.float32).reshape(-1)
+    return pack_4_bits(codes), step.astype(np.float32).reshape(-1)
 
 
 def _reduce_min_last(x: str, out: str, name: str, axes: str, opset: int) -> onnx.NodeProto:
