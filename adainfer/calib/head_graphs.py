@@ -30,9 +30,9 @@ def _lm_head_matmul(model: onnx.ModelProto, vocab_size: int):
     raise AdainferError("exit head: no MatMul with a vocabulary-sized weight (cannot build a low-rank head)")
 
 
-def load_head(path: Path) -> onnx.ModelProto:
-    """A head graph with its weights; refused in one line where onnx will not read them (it refuses external
-    data with several hard links, e.g. a bundle copied with `cp -al`)."""
+def load_graph(path: Path) -> onnx.ModelProto:
+    """A bundle's graph with its weights, for calibration's surgery and comparisons; refused in one line where onnx
+    will not read them (it refuses external data with several hard links, e.g. a bundle copied with `cp -al`)."""
     try:
         return onnx.load(str(path))
     except (onnx.checker.ValidationError, OSError) as exc:
@@ -91,7 +91,7 @@ def _quantized_lm_head(model: onnx.ModelProto, vocab_size: int):
 
 def lowrank_head(exit_head: Path, out: Path, vocab_size: int, rank: int) -> dict:
     """Replace the LM head W (hidden x vocab) by its rank-`rank` truncated SVD A @ B."""
-    model = load_head(exit_head)
+    model = load_graph(exit_head)
     node, init, weight = _lm_head_matmul(model, vocab_size)
     weight = weight.astype(np.float64)
     u, s, vt = np.linalg.svd(weight, full_matrices=False)
@@ -123,7 +123,7 @@ def fold_linear(head: Path | None, out: Path, head_weights: np.ndarray, extra_we
     `head` is the exit head graph to extend; None builds a features-only decider
     (hidden-state features, no head)."""
     if head is not None:
-        model = load_head(head)
+        model = load_graph(head)
         graph = model.graph
     else:
         graph = helper.make_graph([], "decider", [], [])
@@ -164,7 +164,7 @@ def label_head(final_head: Path, out: Path, vocab_size: int, label_token_ids: li
     hidden_states (rows, hidden) -> label_logits (rows, k) = the full head's logits at the label
     token ids; top1_id (the winning label's token id), top1_prob and gap of the softmax over the
     label words only. |labels| x hidden multiply-accumulates instead of vocab x hidden."""
-    model = load_head(final_head)
+    model = load_graph(final_head)
     graph = model.graph
     ids = np.asarray(label_token_ids, dtype=np.int64)
     if ids.size < 2 or ids.min() < 0 or ids.max() >= vocab_size:

@@ -43,10 +43,11 @@ def _is_calib_key(key: str) -> bool:
 
 def _folded_weights(path: Path) -> tuple[np.ndarray, np.ndarray, float]:
     """The linear classifier inside a folded exit head: head weights, extra-feature weights, bias."""
-    import onnx
     from onnx import numpy_helper
 
-    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    from .head_graphs import load_graph
+
+    inits = {t.name: numpy_helper.to_array(t) for t in load_graph(path).graph.initializer}
     if "fold_bias" not in inits:
         raise BundleError(f"{path.name}: not a folded exit head (no fold_bias)")
     empty = np.zeros((0,), np.float32)
@@ -124,10 +125,11 @@ def _weights_digest(graph_path: Path) -> str:
     (the blocks around them were converted) have different graph files but the same head."""
     import hashlib
 
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(graph_path))  # external data resolved against the graph's directory
+    from .head_graphs import load_graph
+
+    model = load_graph(graph_path)  # external data resolved against the graph's directory
     digest = hashlib.sha256()
     for node in model.graph.node:
         digest.update(node.SerializeToString())
