@@ -1,4 +1,5 @@
-"""Same-input projections fused before quantizing; int4's `grid` and `head_bits` options (quantize.py)."""
+"""Same-input projections fused (projections.py: before quantizing, and at load in merged graphs); int4's `grid` and
+`head_bits` options (quantize.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from adainfer.errors import ExportError
 from adainfer.exporter import quantize
+from adainfer.exporter.projections import fuse_projections_at_load
 
 K = 128
 
@@ -43,13 +45,68 @@ def _run(path, x):
     return session.run(None, {"x": x})
 
 
+def _optimized(model: onnx.ModelProto, tmp_path) -> onnx.ModelProto:
+    """`model` as ONNX Runtime's CPU session leaves it after its graph optimizations (what runs)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / "optimized.onnx"))
+
+
+def test_fusing_at_load_adds_no_weight_bytes_and_onnx_runtime_folds_the_concat(tmp_path):
+    """The merged graphs' form: a Concat of the very initializers the MatMuls read (no new weight tensor, so a graph
+    pointing into the blocks' files stays that small), which ONNX Runtime folds when the session loads: what runs is
+    one MatMul on a (K, 128) constant and a Split; outputs equal the unfused graph's."""
+    rng = np.random.default_rng(1)
+    weights = {k: rng.normal(size=(K, n)).astype(np.float32) for k, n in (("q", 64), ("k", 32), ("v", 32))}
+    model = _projections(weights, rng.normal(size=(64, 16)).astype(np.float32))
+    x = rng.normal(size=(1, 5, K)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    fused = fuse_projections_at_load(model)
+    assert [n.op_type for n in fused.graph.node] == ["Concat", "MatMul", "Split", "MatMul"]
+    assert list(fused.graph.node[0].input) == ["W_q", "W_k", "W_v"]
+    assert {t.name for t in fused.graph.initializer} == {"W_q", "W_k", "W_v", "W_other", "mm_q_fused_split"}
+    assert [int(v) for v in numpy_helper.to_array(next(t for t in fused.graph.initializer
+                                                        if t.name == "mm_q_fused_split"))] == [64, 32, 32]
+    ran = _optimized(fused, tmp_path)
+    assert "Concat" not in [n.op_type for n in ran.graph.node]
+    consts = {t.name: t for t in ran.graph.initializer}
+    reading_x = [n for n in ran.graph.node if "x" in n.input]
+    assert len(reading_x) == 1 and tuple(consts[reading_x[0].input[1]].dims) == (K, 128)
+    got = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_fusing_at_load_takes_float16_weights_and_skips_a_different_k():
+    """Float16 projections (an fp16 graph's) fuse too; MatMuls on one input with different K (not projections of
+    one vector) do not; a MatMul whose B is computed, not a constant, is left alone."""
+    rng = np.random.default_rng(2)
+    half = {k: rng.normal(size=(K, n)).astype(np.float16) for k, n in (("a", 16), ("b", 8))}
+    nodes = [helper.make_node("MatMul", ["x", f"W_{k}"], [f"y_{k}"], name=f"mm_{k}") for k in half]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, K])],
+                              [helper.make_tensor_value_info(f"y_{k}", TensorProto.FLOAT16, [1, w.shape[1]])
+                               for k, w in half.items()], [numpy_helper.from_array(w, f"W_{k}") for k, w in half.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert [n.op_type for n in fuse_projections_at_load(model).graph.node] == ["Concat", "MatMul", "Split"]
+    mixed = [numpy_helper.from_array(rng.normal(size=(K, 8)).astype(np.float32), "W_a"),
+             numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "W_b")]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W_a"], ["y_a"], name="mm_a"),
+                               helper.make_node("MatMul", ["x", "W_b"], ["y_b"], name="mm_b"),
+                               helper.make_node("MatMul", ["x", "y_a"], ["y_c"], name="mm_c")],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [K, K])], [], mixed)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert [n.op_type for n in fuse_projections_at_load(model).graph.node] == ["MatMul"] * 3
+
+
 def test_fuse_projections_is_exact_and_leaves_other_inputs_alone():
     rng = np.random.default_rng(0)
     weights = {k: rng.normal(size=(K, n)).astype(np.float32) for k, n in (("q", 64), ("k", 32), ("v", 32))}
     model = _projections(weights, rng.normal(size=(64, 16)).astype(np.float32))
     x = rng.normal(size=(2, 3, K)).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    fused = quantize.fuse_projections(model)
+    fused = quantize.fuse_projections(model)  # (projections.py)
     ops = [n.op_type for n in fused.graph.node]
     assert ops == ["MatMul", "Split", "MatMul"], ops  # q, k, v in one; the MatMul on y_q stays
     assert {t.name for t in fused.graph.initializer} == {"mm_q_fused_weight", "mm_q_fused_split", "W_other"}

@@ -98,6 +98,30 @@ def test_the_exporters_fill_check_refuses_a_merged_kv_fill_of_the_wrong_layers(s
         check_fill_spans(out, out, manifest, [(1, 4)])
 
 
+def test_merged_graphs_run_each_blocks_projections_as_one_matmul(stories_bundle, tmp_path):
+    """The full-depth span, the full step and a merged kv fill fuse every block's q/k/v and gate/up (every layer's
+    k/v in a fill) into one MatMul on a Concat of the blocks' own weight initializers (folded at load: no new
+    weights in the file); the exporter's checks against the unmerged graphs (within 1e-5) still hold."""
+    import onnx
+
+    out = tmp_path / "b"
+    shutil.copytree(stories_bundle, out)
+    manifest = add_spans(out, Manifest.load(out), [], fills=[(1, 4)])
+    L = manifest.num_layers
+
+    def concats(name: str) -> list:
+        model = onnx.load(str(out / manifest.graphs[name].file), load_external_data=False)
+        inits = {t.name for t in model.graph.initializer}
+        found = [list(n.input) for n in model.graph.node if n.op_type == "Concat" and n.name.endswith("_fused_weight")]
+        assert all(i in inits for inputs in found for i in inputs)
+        return sorted(len(inputs) for inputs in found)
+
+    for name in (manifest.spans[(0, L - 1)], manifest.full_step):
+        assert concats(name) == [2] * L + [3] * L, name
+    assert concats("kv_fill_01_04") == [2] * 4
+    assert check_span(out, out, manifest, 0, L - 1) <= 1e-5
+
+
 def test_the_exporters_span_check_measures_the_span_against_its_blocks(stories_bundle):
     manifest = Manifest.load(stories_bundle)
     assert check_span(stories_bundle, stories_bundle, manifest, 0, 4) <= 1e-5

@@ -59,6 +59,7 @@ import onnx
 from ..errors import ExportError
 from .graph_files import replace_body, save_graph
 from .head_refine import refine_heads
+from .projections import fuse_projections
 
 PRECISIONS = ("fp32", "fp16", "int8-weight", "int8-dynamic", "int4")
 #: bits of the weight-only MatMulNBits precisions
@@ -243,46 +244,6 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return model
-
-
-def fuse_projections(model: onnx.ModelProto, same_kind=None) -> onnx.ModelProto:
-    """MatMuls with a constant 2-D float B that read the same input (q/k/v, gate/up) -> one MatMul on the
-    weights concatenated along N, then a Split back into the original outputs. `same_kind(w)` (optional) gives
-    a key per weight; only weights with equal keys are fused (e.g. the GGUF grid a weight lies on)."""
-    from onnx import helper, numpy_helper
-
-    inits = _initializers(model)
-    groups: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        if (node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits
-                and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT and len(inits[node.input[1]].dims) == 2):
-            groups.setdefault(node.input[0], []).append(node)
-    fused: dict[str, list[onnx.NodeProto]] = {}  # name of the first node of a group -> its nodes
-    for x, nodes in groups.items():
-        arrays = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
-        keys = [same_kind(a) if same_kind else None for a in arrays]
-        for key in dict.fromkeys(keys):
-            members = [n for n, k in zip(nodes, keys) if k == key]
-            if len(members) > 1 and len({inits[n.input[1]].dims[0] for n in members}) == 1:
-                fused[members[0].name] = members
-    if not fused:
-        return model
-    dropped = {n.name for members in fused.values() for n in members}
-    replaced = {n.input[1] for members in fused.values() for n in members}
-    new_nodes, new_inits = [], []
-    for node in model.graph.node:
-        if node.name in fused:
-            members = fused[node.name]
-            name = f"{node.name}_fused"
-            weights = [numpy_helper.to_array(inits[n.input[1]]) for n in members]
-            new_inits += [numpy_helper.from_array(np.concatenate(weights, axis=1), f"{name}_weight"),
-                          numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), f"{name}_split")]
-            new_nodes += [helper.make_node("MatMul", [node.input[0], f"{name}_weight"], [f"{name}_out"], name=name),
-                          helper.make_node("Split", [f"{name}_out", f"{name}_split"], [n.output[0] for n in members],
-                                           axis=-1, name=f"{name}_split")]
-        elif node.name not in dropped:
-            new_nodes.append(node)
-    return replace_body(model, new_nodes, new_inits, replaced)
 
 
 def _to_int8_dynamic(src: Path, dst: Path, model: onnx.ModelProto) -> None:

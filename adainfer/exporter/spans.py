@@ -5,7 +5,9 @@ attention_mask, past_key_NN, past_value_NN` (NN = each block's index) and the ou
 `hidden_states_out, present_key_NN, present_value_NN`: each block's graph unchanged, its names
 prefixed with `span/NN/`, the hidden state handed from one to the next inside the graph. Weights
 kept as ONNX external data stay where they are (the span is written into the bundle directory
-and points into the same files), so a span adds no weight bytes on disk.
+and points into the same files), so a span adds no weight bytes on disk. Projections of a merged graph that
+read the same input run as one MatMul on their weights concatenated when the session loads
+(`projections.fuse_projections_at_load`).
 
 Where the calibrated policy never evaluates an exit, a runtime can run a span instead of its
 blocks (the chain then runs segments); `tools/chain_drive.py --spans` measures what that is worth.
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import onnx
 from onnx import helper
+
+from .projections import fuse_projections_at_load
 
 SHARED_INPUTS = ("position_ids", "attention_mask")
 
@@ -95,7 +99,8 @@ def merge_blocks(bundle_dir: Path, block_files: list[str], first: int, out_file:
 
 
 def _merged_model(graph: onnx.GraphProto, models: list, ir_version: int) -> onnx.ModelProto:
-    """`graph` as a model importing, per domain, the highest opset among the `models` it merges."""
+    """`graph` as a model importing, per domain, the highest opset among the `models` it merges, its projections that
+    read one input fused (at load: no new weight bytes)."""
     opsets: dict[str, int] = {}
     for model in models:
         for o in model.opset_import:
@@ -103,7 +108,7 @@ def _merged_model(graph: onnx.GraphProto, models: list, ir_version: int) -> onnx
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
                               producer_name="adainfer-spans")
     model.ir_version = ir_version
-    return model
+    return fuse_projections_at_load(model)
 
 
 def _save_checked(model: onnx.ModelProto, bundle_dir: Path, out_dir: Path | None, out_file: str) -> Path:
