@@ -126,6 +126,67 @@ def test_a_padded_batch_runs_its_prompt_plainly_and_its_steps_in_place(models):
     assert caches_equal(state_a, state_b, fast.num_layers) <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def head16_bundle(tmp_path_factory):
+    """A random-weight Llama with 16-wide heads (ONNX Runtime rotates inside GroupQueryAttention for multiples of
+    16 only: stories260K's heads are 8 wide, SmolLM2's 64)."""
+    import transformers as tf
+
+    from adainfer.exporter import export_model
+    from conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.num_attention_heads, config.head_dim = 4, 16
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.1)
+    out = tmp_path_factory.mktemp("head16") / "bundle"
+    export_model(model, out, progress=False)
+    return out
+
+
+def test_the_full_step_rotates_inside_its_attention_and_serves_unpadded_batches_only(head16_bundle, stories_bundle):
+    """The full step's GroupQueryAttention rotates q/k itself from packed q/k/v (rotary_fold.py), by cache slot: a
+    padded batch must not run it, or its padded row's keys would sit at other positions than the spans and blocks
+    rotate them to. A padded batch's prompt through the full-step model, then a step through spans (no full step),
+    equals every block run plainly; an unpadded batch of two runs the full step and equals it too. Heads 8 wide
+    (stories260K) keep their RotaryEmbedding nodes."""
+    full = onnx.load(str(head16_bundle / "full_step.onnx"), load_external_data=False)
+    attention = [n for n in full.graph.node if n.op_type == "GroupQueryAttention"]
+    ops = [n.op_type for n in full.graph.node]
+    assert len(attention) == 3 and "RotaryEmbedding" not in ops and ops.count("Split") == 3  # gate/up's only
+    for node in attention:
+        assert node.input[1] == node.input[2] == "" and node.input[7].endswith("cos_cache")
+        assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "do_rotary")) == 1
+    narrow = onnx.load(str(stories_bundle / "full_step.onnx"), load_external_data=False)
+    assert [n.op_type for n in narrow.graph.node].count("RotaryEmbedding") == 10
+    fast, plain = rt.load(head16_bundle), rt.load(head16_bundle, spans=False)
+    for prompts, full_steps in (([IDS, [1, 400, 401]], 0), ([IDS, IDS[::-1]], 1)):
+        before = fast.session_calls["full_step"]
+        state_a, logits_a = fast.start(prompts)
+        state_b, logits_b = plain.start(prompts)
+        assert fast.session_calls["full_step"] - before == full_steps
+        assert np.abs(logits_a - logits_b).max() <= 1e-5
+        tokens = np.asarray([[int(t)] for t in logits_b.argmax(axis=1)], dtype=np.int64)
+        runs = [m.run_layers(tokens, s, np.ones_like(tokens)) for m, s in ((fast, state_a), (plain, state_b))]
+        got, want = (m.final_logits(r.hidden[:, -1, :]) for m, r in zip((fast, plain), runs))
+        assert np.abs(got - want).max() <= 1e-5
+        assert caches_equal(state_a, state_b, fast.num_layers) <= 1e-5
+    state_a, logits_a = fast.start([IDS])  # one row: the full step, in place, step after step
+    state_b, logits_b = plain.start([IDS])
+    for _ in range(3):
+        token = [int(logits_b.argmax())]
+        logits_a, logits_b = fast.step(state_a, token), plain.step(state_b, token)
+        assert np.abs(logits_a - logits_b).max() <= 1e-5
+    assert fast.session_calls["full_step"] == 1 + 1 + 3 and in_buffers(state_a, fast.num_layers)
+    fast.close()
+    plain.close()
+
+
 def test_only_graphs_whose_caches_come_from_group_query_attention_append_in_place(stories_bundle, tmp_path):
     assert kv_in_place.supports(stories_bundle / "full_step.onnx", range(5))
     assert kv_in_place.supports(stories_bundle / "block_03.onnx", [3], kv_in_place.plain)

@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 from .projections import fuse_projections_at_load
+from .rotary_fold import fold_rotary
 
 SHARED_INPUTS = ("position_ids", "attention_mask")
 
@@ -205,7 +206,9 @@ def merge_full_step(bundle_dir: Path, embed_file: str, span_file: str, head_file
                     out_dir: Path | None = None) -> Path:
     """Write `out_file`: embed -> span (all blocks) -> final head at every row's last position, one graph.
     Inputs `input_ids, position_ids, attention_mask, past_key_NN, past_value_NN`; outputs `logits`
-    (batch, vocab) and `present_key_NN, present_value_NN`. Weights stay where the three graphs keep them."""
+    (batch, vocab) and `present_key_NN, present_value_NN`. Weights stay where the three graphs keep them. Its
+    attention rotates q and k itself (`rotary_fold.fold_rotary`): by cache slot, which is the position in unpadded
+    batches only."""
     bundle_dir = Path(bundle_dir)
     load = lambda f: onnx.load(str(bundle_dir / f), load_external_data=False)  # noqa: E731
     embed, span, head = _same_opset([load(embed_file), load(span_file), load(head_file)])
@@ -225,6 +228,7 @@ def merge_full_step(bundle_dir: Path, embed_file: str, span_file: str, head_file
              *(v for v in s.output if v.name == "hidden_states_out")]
     graph = helper.make_graph(nodes, out_file.removesuffix(".onnx"), inputs, outputs, initializers, value_info=infos)
     model = _merged_model(graph, [embed, span, head], max(embed.ir_version, span.ir_version, head.ir_version))
+    model, _ = fold_rotary(model)  # exact for unpadded batches only: the chain runs it for those (rotary_fold.py)
     path = Path(out_dir or bundle_dir) / out_file
     onnx.save_model(model, str(path))
     onnx.checker.check_model(_without_external_data(model))

@@ -69,8 +69,9 @@ def fill_skipped(backend: Backend, cache: KVCache, run: LayerRun) -> None:
 
 def full_depth_logits(backend: Backend, input_ids: np.ndarray, cache: KVCache, step_mask: np.ndarray) -> np.ndarray:
     """Every block, then the last position's logits (batch, vocab): in one graph call where the backend runs
-    a full step (embedding, blocks and final head merged), else `run_layers` and the final head."""
-    if getattr(backend, "runs_full_step", False):
+    a full step (embedding, blocks and final head merged) and no row is padded (the full step's attention rotates
+    keys by cache slot, the other graphs by position: equal without padding), else `run_layers` and the final head."""
+    if getattr(backend, "runs_full_step", False) and cache.attention_mask.all() and step_mask.all():
         return backend.full_step(input_ids, cache.advance(step_mask), cache)
     return last_logits(backend, run_layers(backend, input_ids, cache, step_mask))
 
