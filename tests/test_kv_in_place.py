@@ -149,30 +149,32 @@ def head16_bundle(tmp_path_factory):
     return out
 
 
-def test_the_full_step_rotates_inside_its_attention_and_serves_unpadded_batches_only(head16_bundle, stories_bundle):
-    """The full step's GroupQueryAttention rotates q/k itself from packed q/k/v (rotary_fold.py), by cache slot: a
-    padded batch must not run it, or its padded row's keys would sit at other positions than the spans and blocks
-    rotate them to. A padded batch's prompt through the full-step model, then a step through spans (no full step),
-    equals every block run plainly; an unpadded batch of two runs the full step and equals it too. Heads 8 wide
-    (stories260K) keep their RotaryEmbedding nodes."""
-    full = onnx.load(str(head16_bundle / "full_step.onnx"), load_external_data=False)
-    attention = [n for n in full.graph.node if n.op_type == "GroupQueryAttention"]
-    ops = [n.op_type for n in full.graph.node]
-    assert len(attention) == 3 and "RotaryEmbedding" not in ops and ops.count("Split") == 3  # gate/up's only
-    for node in attention:
-        assert node.input[1] == node.input[2] == "" and node.input[7].endswith("cos_cache")
-        assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "do_rotary")) == 1
+def test_merged_graphs_rotate_inside_their_attention_and_serve_unpadded_batches_only(head16_bundle, stories_bundle):
+    """The full step's and the spans' GroupQueryAttention rotates q/k itself from packed q/k/v (rotary_fold.py), by
+    cache slot: a padded batch must not run them, or its padded row's keys would sit at other positions than the
+    blocks and kv fills rotate them to. A padded batch's prompt and a step through `run_layers` (blocks only: no
+    full step, no span) equal every block run plainly; an unpadded batch of two runs the full step and the span and
+    equals it too. Heads 8 wide (stories260K) keep their RotaryEmbedding nodes."""
+    for graph in ("full_step.onnx", "span_00_02.onnx"):
+        full = onnx.load(str(head16_bundle / graph), load_external_data=False)
+        attention = [n for n in full.graph.node if n.op_type == "GroupQueryAttention"]
+        ops = [n.op_type for n in full.graph.node]
+        assert len(attention) == 3 and "RotaryEmbedding" not in ops and ops.count("Split") == 3  # gate/up's only
+        for node in attention:
+            assert node.input[1] == node.input[2] == "" and node.input[7].endswith("cos_cache")
+            assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "do_rotary")) == 1
     narrow = onnx.load(str(stories_bundle / "full_step.onnx"), load_external_data=False)
     assert [n.op_type for n in narrow.graph.node].count("RotaryEmbedding") == 10
     fast, plain = rt.load(head16_bundle), rt.load(head16_bundle, spans=False)
-    for prompts, full_steps in (([IDS, [1, 400, 401]], 0), ([IDS, IDS[::-1]], 1)):
-        before = fast.session_calls["full_step"]
+    for prompts, merged in (([IDS, [1, 400, 401]], 0), ([IDS, IDS[::-1]], 1)):
+        before = dict(fast.session_calls)
         state_a, logits_a = fast.start(prompts)
         state_b, logits_b = plain.start(prompts)
-        assert fast.session_calls["full_step"] - before == full_steps
+        assert fast.session_calls["full_step"] - before.get("full_step", 0) == merged
         assert np.abs(logits_a - logits_b).max() <= 1e-5
         tokens = np.asarray([[int(t)] for t in logits_b.argmax(axis=1)], dtype=np.int64)
         runs = [m.run_layers(tokens, s, np.ones_like(tokens)) for m, s in ((fast, state_a), (plain, state_b))]
+        assert fast.session_calls["span_00_02"] - before.get("span_00_02", 0) == merged
         got, want = (m.final_logits(r.hidden[:, -1, :]) for m, r in zip((fast, plain), runs))
         assert np.abs(got - want).max() <= 1e-5
         assert caches_equal(state_a, state_b, fast.num_layers) <= 1e-5

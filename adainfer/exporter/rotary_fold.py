@@ -1,4 +1,4 @@
-"""The full step's rotary embeddings moved into GroupQueryAttention (`do_rotary`), its q/k/v packed into one input.
+"""A merged graph's rotary embeddings moved into GroupQueryAttention (`do_rotary`), its q/k/v packed into one input.
 
 Why: a fused block rotates q and k with two `RotaryEmbedding` nodes fed by a Split of the fused q/k/v
 projection; GroupQueryAttention can rotate them itself (its cos/sin caches as inputs) and take q/k/v as
@@ -9,10 +9,11 @@ unfolded graph's bit for bit where every row is unpadded.
 The catch: GroupQueryAttention rotates by each token's cache slot (past length + offset), not by the
 graph's `position_ids`. Those are equal for a row without padding; a left-padded row's real tokens are
 rotated `padding` positions further, which leaves its attention unchanged within the graph (rotary scores
-depend on position differences) but writes keys the other graphs (blocks, spans, kv fills: rotated by
+depend on position differences) but writes keys the per-block graphs (blocks, kv fills: rotated by
 `position_ids`) would read at other positions. (Its `position_ids` input does not help: on a first prompt
-the kernel reads only the first row's first position.) So only the full step is folded, and the chain runs
-it for unpadded batches only (`chain.full_depth_logits`); a padded batch takes embed -> spans -> head.
+the kernel reads only the first row's first position.) So the merged graphs are folded (spans, the full step:
+`spans.py`), the per-block graphs are not, and the chain runs merged graphs for unpadded batches only
+(`chain.run_layers`, `chain.full_depth_logits`); a padded batch runs embed -> blocks -> head.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ prefixed with `span/NN/`, the hidden state handed from one to the next inside th
 kept as ONNX external data stay where they are (the span is written into the bundle directory
 and points into the same files), so a span adds no weight bytes on disk. Projections of a merged graph that
 read the same input run as one MatMul on their weights concatenated when the session loads
-(`projections.fuse_projections_at_load`).
+(`projections.fuse_projections_at_load`), and a span's (and the full step's) GroupQueryAttention rotates q/k
+itself (`rotary_fold.fold_rotary`), by cache slot: equal to the blocks only for unpadded batches, which are the
+only ones the chain runs merged graphs for.
 
 Where the calibrated policy never evaluates an exit, a runtime can run a span instead of its
 blocks (the chain then runs segments); `tools/chain_drive.py --spans` measures what that is worth.
@@ -96,7 +98,8 @@ def merge_blocks(bundle_dir: Path, block_files: list[str], first: int, out_file:
     final.name = "hidden_states_out"
     nodes.append(helper.make_node("Identity", [hidden], ["hidden_states_out"], name="span/hidden_states_out"))
     merged = helper.make_graph(nodes, out_file.removesuffix(".onnx"), inputs, [final] + outputs, inits, value_info=infos)
-    return _save_checked(_merged_model(merged, models, models[0].ir_version), bundle_dir, out_dir, out_file)
+    model, _ = fold_rotary(_merged_model(merged, models, models[0].ir_version))  # unpadded batches only (rotary_fold.py)
+    return _save_checked(model, bundle_dir, out_dir, out_file)
 
 
 def _merged_model(graph: onnx.GraphProto, models: list, ir_version: int) -> onnx.ModelProto:
@@ -206,9 +209,9 @@ def merge_full_step(bundle_dir: Path, embed_file: str, span_file: str, head_file
                     out_dir: Path | None = None) -> Path:
     """Write `out_file`: embed -> span (all blocks) -> final head at every row's last position, one graph.
     Inputs `input_ids, position_ids, attention_mask, past_key_NN, past_value_NN`; outputs `logits`
-    (batch, vocab) and `present_key_NN, present_value_NN`. Weights stay where the three graphs keep them. Its
-    attention rotates q and k itself (`rotary_fold.fold_rotary`): by cache slot, which is the position in unpadded
-    batches only."""
+    (batch, vocab) and `present_key_NN, present_value_NN`. Weights stay where the three graphs keep them. Like a
+    span's, its attention rotates q and k itself (`rotary_fold.fold_rotary`): by cache slot, which is the position in
+    unpadded batches only."""
     bundle_dir = Path(bundle_dir)
     load = lambda f: onnx.load(str(bundle_dir / f), load_external_data=False)  # noqa: E731
     embed, span, head = _same_opset([load(embed_file), load(span_file), load(head_file)])
@@ -228,7 +231,7 @@ def merge_full_step(bundle_dir: Path, embed_file: str, span_file: str, head_file
              *(v for v in s.output if v.name == "hidden_states_out")]
     graph = helper.make_graph(nodes, out_file.removesuffix(".onnx"), inputs, outputs, initializers, value_info=infos)
     model = _merged_model(graph, [embed, span, head], max(embed.ir_version, span.ir_version, head.ir_version))
-    model, _ = fold_rotary(model)  # exact for unpadded batches only: the chain runs it for those (rotary_fold.py)
+    model, _ = fold_rotary(model)  # the span's attention is folded already; what an older span file left unfolded
     path = Path(out_dir or bundle_dir) / out_file
     onnx.save_model(model, str(path))
     onnx.checker.check_model(_without_external_data(model))

@@ -26,13 +26,14 @@ def run_layers(backend: Backend, input_ids: np.ndarray, cache: KVCache, step_mas
 
     The blocks run as segments (`segments.cover`): spans of blocks the backend can run as one graph
     (`backend.spans`) between the layers where the decider looks, single blocks elsewhere; with
-    `observe`, single blocks only."""
+    `observe`, or where a row is padded, single blocks only (a span's attention rotates keys by cache slot,
+    which is the position only without padding: `exporter/rotary_fold.py`)."""
     position_ids = cache.advance(step_mask)
     hidden = backend.embed(input_ids, position_ids, cache)
     if observe is not None:
         observe(0, hidden)
     L = backend.num_layers
-    spans = () if observe is not None else getattr(backend, "spans", ())
+    spans = () if observe is not None or not cache.attention_mask.all() else getattr(backend, "spans", ())
     decisions = 0
     for first, last in cover(L, boundaries(L, decider), spans):
         before = hidden
@@ -70,7 +71,7 @@ def fill_skipped(backend: Backend, cache: KVCache, run: LayerRun) -> None:
 def full_depth_logits(backend: Backend, input_ids: np.ndarray, cache: KVCache, step_mask: np.ndarray) -> np.ndarray:
     """Every block, then the last position's logits (batch, vocab): in one graph call where the backend runs
     a full step (embedding, blocks and final head merged) and no row is padded (the full step's attention rotates
-    keys by cache slot, the other graphs by position: equal without padding), else `run_layers` and the final head."""
+    keys by cache slot, the blocks' by position: equal without padding), else `run_layers` and the final head."""
     if getattr(backend, "runs_full_step", False) and cache.attention_mask.all() and step_mask.all():
         return backend.full_step(input_ids, cache.advance(step_mask), cache)
     return last_logits(backend, run_layers(backend, input_ids, cache, step_mask))
