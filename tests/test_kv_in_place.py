@@ -130,6 +130,7 @@ def test_a_padded_batch_runs_its_prompt_plainly_and_its_steps_in_place(models):
 def head16_bundle(tmp_path_factory):
     """A random-weight Llama with 16-wide heads (ONNX Runtime rotates inside GroupQueryAttention for multiples of
     16 only: stories260K's heads are 8 wide, SmolLM2's 64)."""
+    import torch
     import transformers as tf
 
     from adainfer.exporter import export_model
@@ -137,7 +138,6 @@ def head16_bundle(tmp_path_factory):
 
     config = tiny_config("llama")
     config.num_attention_heads, config.head_dim = 4, 16
-    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(config).eval()
     with torch.no_grad():
