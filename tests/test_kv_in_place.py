@@ -278,3 +278,25 @@ def test_a_merged_kv_fill_that_is_not_the_manifests_is_refused_when_first_used(s
     with pytest.raises(BundleError, match="kv_fill_02_04.onnx outputs"):
         model.generate(IDS, max_new_tokens=3, mode="early-exit", policy=ExitPolicy.forced(2), stop_at_eos=False)
     model.close()
+
+
+def test_in_place_calls_read_their_outputs_without_wrapping_every_output(stories_bundle, monkeypatch):
+    """The full step binds 2 x L caches as outputs besides its logits; ONNX Runtime's public `get_outputs` wraps all
+    of them in Python objects every call (79 us on SmolLM2), so the runtime reads the binding's own list: with the
+    public one broken, generation in place still equals plain blocks. A binding without that list falls back."""
+    import onnxruntime as ort
+
+    plain = rt.load(stories_bundle, spans=False)
+    want = plain.generate(IDS, max_new_tokens=5, stop_at_eos=False).tokens
+    monkeypatch.setattr(ort.IOBinding, "get_outputs", lambda self: (_ for _ in ()).throw(AssertionError("wrapped")))
+    fast = rt.load(stories_bundle)
+    assert fast.generate(IDS, max_new_tokens=5, stop_at_eos=False).tokens == want
+    assert fast.session_calls["full_step"] == 5
+
+    class Public:  # an ONNX Runtime whose IOBinding has no inner list
+        def get_outputs(self):
+            return ["public"]
+
+    assert kv_in_place._bound_outputs(Public()) == ["public"]
+    fast.close()
+    plain.close()
