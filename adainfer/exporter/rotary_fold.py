@@ -30,11 +30,11 @@ def _attr(node: onnx.NodeProto, name: str, default=0):
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def fold_rotary(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def fold_rotary(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with every GroupQueryAttention whose query and key come straight from two RotaryEmbeddings (same
     positions and caches, non-interleaved, nothing else reading their outputs) rotating them itself, fed the
     packed q/k/v where one Split made q, k and v (the Split dropped), where the head size is a multiple of 16 (ONNX
-    Runtime's kernel refuses others). Returns the model and how many were folded."""
+    Runtime's kernel refuses others). A GroupQueryAttention that rotates already is left alone."""
     graph = model.graph
     made_by = {o: n for n in graph.node for o in n.output}
     readers: dict[str, int] = {}
@@ -42,7 +42,7 @@ def fold_rotary(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
     cos_width = {t.name: t.dims[1] for t in graph.initializer if len(t.dims) == 2}  # (positions, head_size / 2)
-    dropped, folded = set(), 0
+    dropped = set()
     for node in graph.node:
         if node.op_type != "GroupQueryAttention" or node.domain != MS or _attr(node, "do_rotary"):
             continue
@@ -70,8 +70,7 @@ def fold_rotary(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         del node.attribute[:]
         node.attribute.extend([*kept_attrs, onnx.helper.make_attribute("do_rotary", 1)])
         dropped |= {id(rq), id(rk)}
-        folded += 1
     kept = [n for n in graph.node if id(n) not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
-    return model, folded
+    return model
