@@ -1,0 +1,289 @@
+/* adainfer.MatMulQ4_1: an ONNX Runtime custom op (CPU) that multiplies by a GGUF Q4_1 matrix in one node.
+
+   The int4 export re-encodes Q4_1 exactly as MatMulNBits on q - 8 plus a float term blocksum(x) @ (m + 8 d)
+   (exporter/gguf_grid.py): four small nodes per projection group, ~1.7 ms of a ~7 ms SmolLM2 token. This
+   op takes the same initializers and does both in one pass:
+
+     inputs  x float [..., K]; B uint8 [N, K/32, 16] (MatMulNBits' 4-bit codes, low nibble first);
+             scales float [N * K/32] (d); offsets float [K/32, N] (m + 8 d)
+     attrs   K, N
+     output  y float [..., N] = x @ W,  W[k, n] = d[n, b] * (q[k, n] - 8) + offsets[b, n],  b = k / 32
+
+   x is rounded to int8 per block of 32 (scale max|x| / 127, round to nearest even), as MatMulNBits'
+   accuracy level 4 does; the offset term uses x's float block sums, as the graph does. With AVX2, F16C
+   and FMA, the first call repacks each column into one stream (per pair of blocks: 32 bytes of codes,
+   then d and m as float16, 40 bytes) when every d and m is exactly a float16 (a GGUF's are); otherwise,
+   and without AVX2, a plain C loop over the inputs as given. Columns are split over the session's
+   intra-op threads (OrtApi::KernelContext_ParallelFor).
+
+   A measured prototype (tools/q4_1_fused.py), not used by the runtime. Build:
+     cc -O3 -mavx2 -mfma -mf16c -fno-math-errno -shared -fPIC -Itools/q4_1_kernel \
+        tools/q4_1_kernel/q4_1_matmul.c -o libq4_1_matmul.so -lm
+   and load with SessionOptions.register_custom_ops_library. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include "onnxruntime_c_api.h"
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define FAST 1
+#include <immintrin.h>
+#endif
+
+#define BLK 32
+#define CHUNK 64       /* columns per parallel task */
+#define PAIR_BYTES 40  /* packed: codes of two blocks, d_b, d_b+1, m_b, m_b+1 as float16 */
+
+static const OrtApi* ort;
+/* OrtApi::KernelContext_ParallelFor is slot 274 of the function table (API version 16 on); the vendored
+   header is the 1.13 one, so it is read by position (the table only ever grows). */
+typedef OrtStatus*(ORT_API_CALL* ParallelFor)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*);
+static ParallelFor parallel_for;
+#define PARALLEL_FOR_SLOT 274
+#define PARALLEL_FOR_VERSION 16
+#define BASE_VERSION 13
+
+typedef struct { int64_t K, N; uint8_t* packed; const void* packed_from; int fp16_exact; } Kernel;
+
+typedef struct {
+  const uint8_t* q; const float* d; const float* off; const uint8_t* packed;
+  const int8_t* x8; const float* sxv; const int32_t* corr; const float* bs; const float* bsv;
+  float* y; int64_t rows, N, nb, pairs;
+} Job;
+
+/* One row of x: per pair of blocks, int8 codes [b even k | b+1 even k] [b odd k | b+1 odd k] (the order
+   of MatMulNBits' nibbles), sxv = [sx_b x4, sx_b+1 x4], corr = 2 * sum(codes) per lane (four lanes make
+   the zero point 8), bs = float block sums, bsv = [8 bs_b, 8 bs_b+1, bs_b, bs_b+1] (for d and m).
+   An odd last block is padded with zeros. */
+static void quantize_row(const float* x, int64_t nb, int8_t* x8, float* sxv, int32_t* corr, float* bs, float* bsv) {
+  int64_t pairs = (nb + 1) / 2;
+  memset(x8, 0, (size_t)pairs * 64);
+  for (int64_t b = 0; b < 2 * pairs; ++b) {
+    float scale = 0.f, sum = 0.f;
+    int32_t codes = 0;
+    int8_t* even = x8 + (b / 2) * 64 + (b % 2) * 16;
+    int8_t* odd = even + 32;
+    if (b < nb) {
+      const float* xb = x + b * BLK;
+      float amax = 0.f;
+      for (int i = 0; i < BLK; ++i) { amax = fmaxf(amax, fabsf(xb[i])); sum += xb[i]; }
+      scale = amax / 127.f;
+      float inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int i = 0; i < BLK / 2; ++i) {
+        even[i] = (int8_t)nearbyintf(xb[2 * i] * inv);
+        odd[i] = (int8_t)nearbyintf(xb[2 * i + 1] * inv);
+        codes += even[i] + odd[i];
+      }
+      bs[b] = sum;
+    }
+    for (int i = 0; i < 4; ++i) { sxv[(b / 2) * 8 + (b % 2) * 4 + i] = scale; corr[(b / 2) * 8 + (b % 2) * 4 + i] = 2 * codes; }
+    bsv[(b / 2) * 4 + (b % 2)] = 8.f * sum;
+    bsv[(b / 2) * 4 + 2 + (b % 2)] = sum;
+  }
+}
+
+/* y[n] from the inputs as given, any nb: the plain path */
+static float one_column(const Job* j, int64_t n, const int8_t* x8, const float* sxv, const int32_t* corr, const float* bs) {
+  float total = 0.f;
+  for (int64_t b = 0; b < j->nb; ++b) {
+    const uint8_t* q = j->q + (n * j->nb + b) * 16;
+    const int8_t* even = x8 + (b / 2) * 64 + (b % 2) * 16;
+    const int8_t* odd = even + 32;
+    int32_t dot = -4 * corr[(b / 2) * 8 + (b % 2) * 4];
+    for (int i = 0; i < BLK / 2; ++i) dot += (q[i] & 0x0F) * even[i] + (q[i] >> 4) * odd[i];
+    total += (float)dot * j->d[n * j->nb + b] * sxv[(b / 2) * 8 + (b % 2) * 4] + bs[b] * j->off[b * j->N + n];
+  }
+  return total;
+}
+
+#ifdef FAST
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+/* y[0], y[1] for two packed columns (c0 may equal c1) */
+static inline void two_packed(const uint8_t* c0, const uint8_t* c1, int64_t pairs, const int8_t* x8, const float* sxv,
+                              const int32_t* corr, const float* bsv, float* y) {
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m128 off0 = _mm_setzero_ps(), off1 = _mm_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint8_t* a = c0 + p * PAIR_BYTES;
+    const uint8_t* b = c1 + p * PAIR_BYTES;
+    _mm_prefetch((const char*)(a + 1024), _MM_HINT_T0);
+    _mm_prefetch((const char*)(b + 1024), _MM_HINT_T0);
+    const __m256i xe = _mm256_load_si256((const __m256i*)(x8 + p * 64));
+    const __m256i xo = _mm256_load_si256((const __m256i*)(x8 + p * 64 + 32));
+    const __m256i c = _mm256_load_si256((const __m256i*)(corr + p * 8));
+    const __m256 sx = _mm256_load_ps(sxv + p * 8);
+    const __m128 bs = _mm_load_ps(bsv + p * 4);
+    const __m256i r0 = _mm256_loadu_si256((const __m256i*)a), r1 = _mm256_loadu_si256((const __m256i*)b);
+    const __m128 f0 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(a + 32)));  /* d_b, d_b+1, m_b, m_b+1 */
+    const __m128 f1 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(b + 32)));
+    __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(r0, mask), xe),
+                                  _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r0, 4), mask), xo));
+    __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(r1, mask), xe),
+                                  _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r1, 4), mask), xo));
+    p0 = _mm256_sub_epi32(_mm256_madd_epi16(p0, ones), c);
+    p1 = _mm256_sub_epi32(_mm256_madd_epi16(p1, ones), c);
+    const __m256 s0 = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(f0), lanes), sx);
+    const __m256 s1 = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(f1), lanes), sx);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, acc1);
+    off0 = _mm_fmadd_ps(f0, bs, off0);  /* (m + 8 d) . blocksum */
+    off1 = _mm_fmadd_ps(f1, bs, off1);
+  }
+  y[0] = hsum(_mm256_add_ps(acc0, _mm256_castps128_ps256(off0)));
+  y[1] = hsum(_mm256_add_ps(acc1, _mm256_castps128_ps256(off1)));
+}
+
+/* the packed copy, or NULL when some d or m is not exactly a float16 */
+static uint8_t* pack(const Job* j) {
+  size_t stride = (size_t)j->pairs * PAIR_BYTES;
+  uint8_t* out = (uint8_t*)aligned_alloc(64, ((size_t)j->N * stride + 63) & ~(size_t)63);
+  for (int64_t n = 0; n < j->N; ++n)
+    for (int64_t p = 0; p < j->pairs; ++p) {
+      uint8_t* dst = out + n * stride + p * PAIR_BYTES;
+      float d0 = j->d[n * j->nb + 2 * p], d1 = j->d[n * j->nb + 2 * p + 1];
+      float f[4] = {d0, d1, j->off[(2 * p) * j->N + n] - 8.f * d0, j->off[(2 * p + 1) * j->N + n] - 8.f * d1};
+      __m128i h = _mm_cvtps_ph(_mm_loadu_ps(f), _MM_FROUND_TO_NEAREST_INT);
+      float back[4];
+      _mm_storeu_ps(back, _mm_cvtph_ps(h));
+      if (memcmp(back, f, sizeof f)) { free(out); return NULL; }
+      memcpy(dst, j->q + (n * j->nb + 2 * p) * 16, 32);
+      _mm_storel_epi64((__m128i*)(dst + 32), h);
+    }
+  return out;
+}
+#endif
+
+static void work(void* data, size_t index) {
+  const Job* j = (const Job*)data;
+  int64_t n0 = (int64_t)index * CHUNK, n1 = n0 + CHUNK < j->N ? n0 + CHUNK : j->N;
+  for (int64_t r = 0; r < j->rows; ++r) {
+    const int8_t* x8 = j->x8 + r * j->pairs * 64;
+    const float* sxv = j->sxv + r * j->pairs * 8;
+    const int32_t* corr = j->corr + r * j->pairs * 8;
+    float* y = j->y + r * j->N;
+    int64_t n = n0;
+#ifdef FAST
+    if (j->packed) {
+      size_t stride = (size_t)j->pairs * PAIR_BYTES;
+      const float* bsv = j->bsv + r * j->pairs * 4;
+      for (; n + 1 < n1; n += 2) two_packed(j->packed + n * stride, j->packed + (n + 1) * stride, j->pairs, x8, sxv, corr, bsv, y + n);
+      if (n < n1) { float t[2]; two_packed(j->packed + n * stride, j->packed + n * stride, j->pairs, x8, sxv, corr, bsv, t); y[n] = t[0]; }
+      continue;
+    }
+#endif
+    for (; n < n1; ++n) y[n] = one_column(j, n, x8, sxv, corr, j->bs + r * j->pairs * 2);
+  }
+}
+
+#define CHECK(expr) do { OrtStatus* st_ = (expr); if (st_) { ort->ReleaseStatus(st_); return; } } while (0)
+
+static void* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
+  (void)op;
+  Kernel* k = (Kernel*)calloc(1, sizeof(Kernel));
+  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, "K", &k->K);
+  if (!st) st = api->KernelInfoGetAttribute_int64(info, "N", &k->N);
+  if (st) { api->ReleaseStatus(st); k->K = k->N = 0; }
+  return k;
+}
+
+static void ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
+  Kernel* k = (Kernel*)kernel;
+  const OrtValue *a, *qv, *dv, *ov;
+  CHECK(ort->KernelContext_GetInput(ctx, 0, &a));
+  CHECK(ort->KernelContext_GetInput(ctx, 1, &qv));
+  CHECK(ort->KernelContext_GetInput(ctx, 2, &dv));
+  CHECK(ort->KernelContext_GetInput(ctx, 3, &ov));
+  OrtTensorTypeAndShapeInfo* info;
+  CHECK(ort->GetTensorTypeAndShape(a, &info));
+  size_t rank = 0;
+  int64_t dims[8];
+  OrtStatus* st = ort->GetDimensionsCount(info, &rank);
+  if (!st && rank >= 1 && rank <= 8) st = ort->GetDimensions(info, dims, rank);
+  ort->ReleaseTensorTypeAndShapeInfo(info);
+  if (st) { ort->ReleaseStatus(st); return; }
+  if (rank < 1 || rank > 8 || dims[rank - 1] != k->K || k->K % BLK) return;  /* no output: ORT reports it */
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < rank; ++i) rows *= dims[i];
+  dims[rank - 1] = k->N;
+  OrtValue* out;
+  CHECK(ort->KernelContext_GetOutput(ctx, 0, dims, rank, &out));
+  Job j;
+  void* p;
+  CHECK(ort->GetTensorMutableData((OrtValue*)a, &p)); const float* x = (const float*)p;
+  CHECK(ort->GetTensorMutableData((OrtValue*)qv, &p)); j.q = (const uint8_t*)p;
+  CHECK(ort->GetTensorMutableData((OrtValue*)dv, &p)); j.d = (const float*)p;
+  CHECK(ort->GetTensorMutableData((OrtValue*)ov, &p)); j.off = (const float*)p;
+  CHECK(ort->GetTensorMutableData(out, &p)); j.y = (float*)p;
+  j.rows = rows; j.N = k->N; j.nb = k->K / BLK; j.pairs = (j.nb + 1) / 2; j.packed = NULL;
+  if (rows == 0 || k->N == 0) return;
+  size_t x8_bytes = (size_t)(rows * j.pairs * 64), lanes = (size_t)(rows * j.pairs * 8);
+  size_t bytes = x8_bytes + 2 * lanes * 4 + (size_t)(rows * j.pairs * 4) * 4 + (size_t)(rows * j.pairs * 2) * 4;
+  char* buf = (char*)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+  if (!buf) return;
+  int8_t* x8 = (int8_t*)buf;
+  float* sxv = (float*)(buf + x8_bytes);
+  int32_t* corr = (int32_t*)(sxv + lanes);
+  float* bsv = (float*)(corr + lanes);
+  float* bs = bsv + rows * j.pairs * 4;
+  for (int64_t r = 0; r < rows; ++r)
+    quantize_row(x + r * k->K, j.nb, x8 + r * j.pairs * 64, sxv + r * j.pairs * 8, corr + r * j.pairs * 8,
+                 bs + r * j.pairs * 2, bsv + r * j.pairs * 4);
+  j.x8 = x8; j.sxv = sxv; j.corr = corr; j.bs = bs; j.bsv = bsv;
+#ifdef FAST
+  if (j.nb % 2 == 0) {  /* packs whole pairs of blocks */
+    if (k->packed_from != (const void*)j.q) {
+      free(k->packed);
+      k->packed = pack(&j);
+      k->packed_from = j.q;
+    }
+    j.packed = k->packed;
+  }
+#endif
+  size_t tasks = (size_t)((k->N + CHUNK - 1) / CHUNK);
+  st = parallel_for ? parallel_for(ctx, work, tasks, 0, &j) : NULL;
+  if (!parallel_for || st) {
+    if (st) ort->ReleaseStatus(st);
+    for (size_t i = 0; i < tasks; ++i) work(&j, i);
+  }
+  free(buf);
+}
+
+static void ORT_API_CALL destroy(void* kernel) { free(((Kernel*)kernel)->packed); free(kernel); }
+static const char* ORT_API_CALL op_name(const OrtCustomOp* op) { (void)op; return "MatMulQ4_1"; }
+static const char* ORT_API_CALL op_ep(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
+static ONNXTensorElementDataType ORT_API_CALL in_type(const OrtCustomOp* op, size_t i) {
+  (void)op;
+  return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static size_t ORT_API_CALL in_count(const OrtCustomOp* op) { (void)op; return 4; }
+static ONNXTensorElementDataType ORT_API_CALL out_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+static size_t ORT_API_CALL out_count(const OrtCustomOp* op) { (void)op; return 1; }
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return INPUT_OUTPUT_REQUIRED; }
+static OrtMemType ORT_API_CALL in_mem(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return OrtMemTypeDefault; }
+
+static OrtCustomOp op;
+
+OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+  const OrtApi* newer = base->GetApi(PARALLEL_FOR_VERSION);
+  ort = newer ? newer : base->GetApi(BASE_VERSION);
+  if (!ort) return NULL;
+  parallel_for = newer ? (ParallelFor)((void* const*)newer)[PARALLEL_FOR_SLOT] : NULL;
+  memset(&op, 0, sizeof op);
+  op.version = BASE_VERSION;
+  op.CreateKernel = create_kernel; op.GetName = op_name; op.GetExecutionProviderType = op_ep;
+  op.GetInputType = in_type; op.GetInputTypeCount = in_count; op.GetOutputType = out_type; op.GetOutputTypeCount = out_count;
+  op.KernelCompute = compute; op.KernelDestroy = destroy;
+  op.GetInputCharacteristic = required; op.GetOutputCharacteristic = required; op.GetInputMemoryType = in_mem;
+  OrtCustomOpDomain* domain;
+  OrtStatus* st = ort->CreateCustomOpDomain("adainfer", &domain);
+  if (st) return st;
+  if ((st = ort->CustomOpDomain_Add(domain, &op))) return st;
+  return ort->AddCustomOpDomain(options, domain);
+}
