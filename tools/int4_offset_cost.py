@@ -75,22 +75,46 @@ def decode_feeds(session: ort.InferenceSession, past: int) -> dict:
     return feeds
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
+def session(path: Path, threads: int, library: Path | None = None) -> ort.InferenceSession:
+    """A plain session (`threads` intra-op threads that stop spinning after each run), with `library`'s custom ops."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     options.add_session_config_entry("session.force_spinning_stop", "1")
+    if library is not None:
+        options.register_custom_ops_library(str(library))
     return ort.InferenceSession(str(path), options)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options this tool and tools/q4_1_fused.py share."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("bundle", type=Path, help="an int4 bundle exported from a Q4_1 GGUF")
     p.add_argument("--genai", type=Path, help="onnxruntime-genai's int4 output directory (model.onnx)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--past", type=int, default=80)
     p.add_argument("--json", type=Path)
+    return p
+
+
+def time_steps(sessions: dict, past: int, repeats: int) -> dict[str, list[float]]:
+    """ms per decode step of each session: `repeats` interleaved rounds of 30 runs (after 3 warm-up runs)."""
+    feeds = {name: decode_feeds(s, past) for name, s in sessions.items()}
+    times = {name: [] for name in sessions}
+    for _ in range(repeats):
+        for name, s in sessions.items():
+            for _ in range(3):
+                s.run(None, feeds[name])
+            start = time.perf_counter()
+            for _ in range(30):
+                s.run(None, feeds[name])
+            times[name].append((time.perf_counter() - start) / 30 * 1e3)
+    return times
+
+
+def main(argv=None) -> int:
+    p = arguments(__doc__.splitlines()[0])
     args = p.parse_args(argv)
     source = args.bundle / "full_step.onnx"
     if not source.is_file():
@@ -107,16 +131,7 @@ def main(argv=None) -> int:
         if args.genai:
             graphs["onnxruntime-genai int4"] = args.genai / "model.onnx"
         sessions = {name: session(path, args.threads) for name, path in graphs.items()}
-    feeds = {name: decode_feeds(s, args.past) for name, s in sessions.items()}
-    times = {name: [] for name in sessions}
-    for _ in range(args.repeats):
-        for name, s in sessions.items():
-            for _ in range(3):
-                s.run(None, feeds[name])
-            start = time.perf_counter()
-            for _ in range(30):
-                s.run(None, feeds[name])
-            times[name].append((time.perf_counter() - start) / 30 * 1e3)
+    times = time_steps(sessions, args.past, args.repeats)
     medians = {name: median(v) for name, v in times.items()}
     print(f"{dropped} offset nodes dropped; decode step after {args.past} positions, {args.threads} threads, "
           f"load {load[0]:.1f} -> {os.getloadavg()[0]:.1f}")

@@ -16,23 +16,20 @@ by the runtime: a measurement of what wiring such a kernel in would give.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from statistics import median
 
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from int4_offset_cost import decode_feeds  # noqa: E402
+from int4_offset_cost import arguments, session, time_steps  # noqa: E402
 
 KERNEL_DIR = Path(__file__).resolve().parent / "q4_1_kernel"
 SOURCE = KERNEL_DIR / "q4_1_matmul.c"
@@ -87,24 +84,8 @@ def fuse_q4_1(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, len(fused)
 
 
-def session(path: Path, threads: int, library: Path | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.force_spinning_stop", "1")
-    if library is not None:
-        options.register_custom_ops_library(str(library))
-    return ort.InferenceSession(str(path), options)
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundle", type=Path, help="an int4 bundle exported from a Q4_1 GGUF")
-    p.add_argument("--genai", type=Path, help="onnxruntime-genai's int4 output directory (model.onnx)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--past", type=int, default=80)
-    p.add_argument("--json", type=Path)
+    p = arguments(__doc__.splitlines()[0])
     args = p.parse_args(argv)
     source = args.bundle / "full_step.onnx"
     if not source.is_file():
@@ -125,16 +106,7 @@ def main(argv=None) -> int:
                     "fused Q4_1 kernel": session(Path(probe.name), args.threads, library)}
         if args.genai:
             sessions["onnxruntime-genai int4"] = session(args.genai / "model.onnx", args.threads)
-    feeds = {name: decode_feeds(s, args.past) for name, s in sessions.items()}
-    times = {name: [] for name in sessions}
-    for _ in range(args.repeats):
-        for name, s in sessions.items():
-            for _ in range(3):
-                s.run(None, feeds[name])
-            start = time.perf_counter()
-            for _ in range(30):
-                s.run(None, feeds[name])
-            times[name].append((time.perf_counter() - start) / 30 * 1e3)
+    times = time_steps(sessions, args.past, args.repeats)
     medians = {name: median(v) for name, v in times.items()}
     print(f"{groups} Q4_1 groups fused; decode step after {args.past} positions, {args.threads} threads, "
           f"load {load[0]:.1f} -> {os.getloadavg()[0]:.1f}")
