@@ -1,8 +1,5 @@
-"""The prototype fused Q4_1 kernel (tools/q4_1_kernel, timed by tools/q4_1_fused.py) computes what the int4
+"""The fused Q4_1 kernel (adainfer/runtime/kernels/q4_1_matmul.c) computes what the int4
 export's MatMulNBits + offset term computes: same int8 rounding of x, same exact Q4_1 weights."""
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,8 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from adainfer.exporter.gguf_grid import encode_exact
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from q4_1_fused import build, cpu_is_fast, fuse_q4_1  # noqa: E402
+from adainfer.exporter.q4_1_twins import fuse_q4_1
+from adainfer.runtime.q4_1_kernel import build, cpu_is_fast
 
 
 @pytest.fixture(scope="module")

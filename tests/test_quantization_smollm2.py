@@ -107,3 +107,32 @@ def test_smollm2_int8_dynamic_is_refused_by_its_quality_check(smollm2_hf, smollm
     with pytest.raises(ExportError, match=r"quality check failed: int8-dynamic top-1 agreement with fp32 0\.[0-4]"):
         convert_bundle(smollm2_hf, smollm2_bundle, tmp_path / "int8-dynamic", "int8-dynamic")
     assert not (tmp_path / "int8-dynamic").exists()
+
+
+def test_smollm2_int4_runs_its_q4_1_groups_in_the_fused_kernel(converted, smollm2_hf, monkeypatch):
+    """Every merged graph of the int4 bundle has a twin whose 120 (full step) Q4_1 groups are one custom node each;
+    on this CPU the runtime runs the twins, and the bundle still agrees with float32 (>= 0.95, as the standard
+    graphs do: 0.963 / 0.973 measured) and answers the chat question; ADAINFER_Q4_1_KERNEL=0 runs the standard ones."""
+    from adainfer.exporter.q4_1_twins import fuse_q4_1
+    from adainfer.runtime.q4_1_kernel import cpu_is_fast, library, twin_file, twin_key
+
+    out, manifest = converted["int4"]
+    assert {k for k in manifest.attachments if k.startswith(twin_key(""))} == {twin_key(g) for g in manifest.merged_graphs}
+    for graph in manifest.merged_graphs:
+        assert manifest.attachments[twin_key(graph)].file == twin_file(graph, manifest.graphs[graph].sha256)
+    twin = onnx.load(str(out / manifest.attachments[twin_key("full_step")].file), load_external_data=False)
+    standard = collections.Counter(n.op_type for n in onnx.load(str(out / "full_step.onnx"), load_external_data=False).graph.node)
+    ops = collections.Counter(n.op_type for n in twin.graph.node)
+    groups = 4 * manifest.num_layers  # q/k/v, o, gate/up, down per block
+    assert ops["MatMulQ4_1"] == groups and ops["MatMulNBits"] == standard["MatMulNBits"] - groups
+    assert ops["ReduceSum"] == standard["ReduceSum"] - groups and fuse_q4_1(twin)[1] == 0  # block sums gone
+    assert cpu_is_fast() and library() is not None  # CI's machine: AVX2, a C compiler
+    fused = rt.load(out)
+    prompt = fused.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    answer = fused.generate(prompt, max_new_tokens=8, stop_at_eos=False)
+    assert "full_step" in fused.sessions.fused and "Paris" in answer.text
+    sequences = quality.held_out_sequences(out / "tokenizer.json", manifest.vocab_size, manifest.bos_token_id)
+    measured = quality.measure(out, sequences, quality.torch_reference(smollm2_hf, sequences))
+    assert measured["top1_agreement"] >= 0.95 and measured["perplexity_ratio"] <= 1.03
+    monkeypatch.setenv("ADAINFER_Q4_1_KERNEL", "0")
+    assert not rt.load(out).sessions.fused

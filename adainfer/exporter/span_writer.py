@@ -25,6 +25,7 @@ from ..errors import ExportError
 from ..manifest import GraphSpec, Manifest, file_spec
 from ..runtime.segments import Segment
 from ..runtime.sessions import make_session
+from .q4_1_twins import add_q4_1_twins
 from .shared_weights import share_weights
 from .spans import FULL_STEP, fill_name, merge_blocks, merge_fills, merge_full_step, span_name
 
@@ -60,6 +61,7 @@ def add_full_span(bundle_dir: Path, manifest: Manifest, threshold: int, check: b
     manifest = add_spans(bundle_dir, manifest, [(0, L - 1)], check=False)
     manifest = add_full_step(bundle_dir, manifest, check=False)
     manifest = reshare(bundle_dir, manifest, threshold)
+    manifest = add_q4_1_twins(bundle_dir, manifest)
     if check:
         check_span(bundle_dir, bundle_dir, manifest, 0, L - 1)
         check_full_step(bundle_dir, manifest)
@@ -135,6 +137,7 @@ def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], *
               for k, spec in graphs.items()}
     manifest = dataclasses.replace(manifest, graphs=graphs)
     manifest.save(out_dir)
+    manifest = add_q4_1_twins(out_dir, manifest, [span_name(*r) for r in ranges] + [fill_name(*r) for r in fills])
     if check:
         for first, last in ranges:
             check_span(bundle_dir, out_dir, manifest, first, last)

@@ -92,9 +92,10 @@ def light_options() -> ort.SessionOptions:
 
 def make_session(path: Path, providers: Sequence = DEFAULT_PROVIDERS, threads: Optional[int] = None,
                  light: bool = False, require: Optional[str] = None, spinning: bool = False,
-                 keep_spinning: bool = False) -> ort.InferenceSession:
+                 keep_spinning: bool = False, custom_ops: Optional[Path] = None) -> ort.InferenceSession:
     """A session for one graph; `light`: only to read its interface (see `light_options`);
-    `require`: the execution provider that must actually run it (`check_providers`)."""
+    `require`: the execution provider that must actually run it (`check_providers`); `custom_ops`: a library
+    of custom operators the graph uses (`q4_1_kernel.library`)."""
     available = set(ort.get_available_providers())
     names = [p[0] if isinstance(p, tuple) else p for p in providers]
     missing = [n for n in names if n not in available]
@@ -104,6 +105,8 @@ def make_session(path: Path, providers: Sequence = DEFAULT_PROVIDERS, threads: O
     _sessions_made = True
     try:
         options = light_options() if light else session_options(threads, spinning, keep_spinning)
+        if custom_ops is not None:
+            options.register_custom_ops_library(str(custom_ops))
         session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt graphs
         raise BundleError(f"cannot load {path.name}: {str(exc).splitlines()[0]}") from None

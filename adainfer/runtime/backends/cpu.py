@@ -21,6 +21,7 @@ from ..backend import KVState, kv_dtype
 from ..bundle import Bundle
 from ..early_exit import HostDecisions
 from ..kv_in_place import InPlaceKV, plain, suffixed, supports
+from ..q4_1_kernel import library as q4_1_library, twin_file, twin_key
 from ..sessions import DEFAULT_PROVIDERS, make_session
 
 
@@ -104,6 +105,7 @@ class Sessions(Mapping):
             unused.add(m.full_step)
         self._sessions: dict = {}
         self._lock = threading.Lock()
+        self.fused: set = set()  # graphs whose fused Q4_1 twin runs (q4_1_kernel.py)
         names = list(bundle.manifest.graphs)
         self.inputs = dict.fromkeys(names)  # manifest order for iteration; filled below
         self.outputs = dict.fromkeys(names)
@@ -118,9 +120,11 @@ class Sessions(Mapping):
             lazy = name.startswith(self.LAZY) or name in lazy_names
             if name in unused:
                 session = make_session(bundle.graph_path(name), light=True)
+            elif lazy:
+                session = make_session(bundle.graph_path(name), self._providers(name), threads, light=True,
+                                       require=require)
             else:
-                session = make_session(bundle.graph_path(name), self._providers(name), threads, light=lazy,
-                                       require=require, spinning=spinning, keep_spinning=name == full_step)
+                session = self._make(name)
             bundle.check_session(name, session)  # the graphs' real interfaces match the manifest
             self.inputs[name] = [i.name for i in session.get_inputs()]
             self.outputs[name] = [o.name for o in session.get_outputs()]
@@ -136,15 +140,27 @@ class Sessions(Mapping):
             with self._lock:
                 session = self._sessions.get(name)
                 if session is None:
-                    session = make_session(self.bundle.graph_path(name), self._providers(name), self.threads,
-                                           require=self.require, spinning=self.spinning,
-                                           keep_spinning=name == self.full_step)
+                    session = self._make(name)
                     if name in self._deferred:
                         self.bundle.check_session(name, session)
                         self.inputs[name] = [i.name for i in session.get_inputs()]
                         self.outputs[name] = [o.name for o in session.get_outputs()]
                     self._sessions[name] = session
         return session
+
+    def _make(self, name: str):
+        """The session that runs graph `name`: its fused Q4_1 twin where this machine runs the kernel."""
+        path, custom_ops = self.bundle.graph_path(name), None
+        twin = self.bundle.manifest.attachments.get(twin_key(name))
+        providers = self._providers(name)
+        if twin is not None and twin.file == twin_file(name, self.bundle.manifest.graphs[name].sha256) \
+                and all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider" for p in providers):
+            custom_ops = q4_1_library()
+            if custom_ops is not None:
+                path = self.bundle.root / twin.file
+                self.fused.add(name)
+        return make_session(path, providers, self.threads, require=self.require, spinning=self.spinning,
+                            keep_spinning=name == self.full_step, custom_ops=custom_ops)
 
     def _providers(self, name: str):
         return self.providers(name) if callable(self.providers) else self.providers

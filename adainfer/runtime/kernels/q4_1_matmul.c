@@ -16,10 +16,8 @@
    and without AVX2, a plain C loop over the inputs as given. Columns are split over the session's
    intra-op threads (OrtApi::KernelContext_ParallelFor).
 
-   A measured prototype (tools/q4_1_fused.py), not used by the runtime. Build:
-     cc -O3 -mavx2 -mfma -mf16c -fno-math-errno -shared -fPIC -Itools/q4_1_kernel \
-        tools/q4_1_kernel/q4_1_matmul.c -o libq4_1_matmul.so -lm
-   and load with SessionOptions.register_custom_ops_library. */
+   Built and loaded by adainfer/runtime/q4_1_kernel.py (the CPU backend runs the exporter's fused twins of the
+   merged graphs with it); timed by tools/q4_1_fused.py. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
