@@ -56,11 +56,13 @@ def add_q4_1_twins(bundle_dir: Path, manifest: Manifest, graphs: Optional[Iterab
     twins of graphs that are gone or were written again, and return the manifest listing them (saved)."""
     bundle_dir = Path(bundle_dir)
     before = manifest
+    prefix = twin_key("")
     for key, attached in list(manifest.attachments.items()):
-        if not key.startswith(twin_key("")):
+        if not key.startswith(prefix):
             continue
-        spec = manifest.graphs.get(key[len(twin_key("")):])
-        if spec is None or attached.file != twin_file(key[len(twin_key("")):], spec.sha256):
+        graph = key[len(prefix):]
+        spec = manifest.graphs.get(graph)
+        if spec is None or attached.file != twin_file(graph, spec.sha256):
             (bundle_dir / attached.file).unlink(missing_ok=True)
             manifest = manifest.detach(key)
     for graph in sorted(set(graphs if graphs is not None else manifest.merged_graphs) & set(manifest.graphs)):

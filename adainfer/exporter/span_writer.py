@@ -58,7 +58,7 @@ def add_full_span(bundle_dir: Path, manifest: Manifest, threshold: int, check: b
     L = manifest.num_layers
     if L < 2 or not mergeable(bundle_dir, manifest):
         return manifest
-    manifest = add_spans(bundle_dir, manifest, [(0, L - 1)], check=False)
+    manifest = add_spans(bundle_dir, manifest, [(0, L - 1)], check=False, twins=False)  # written after `reshare`
     manifest = add_full_step(bundle_dir, manifest, check=False)
     manifest = reshare(bundle_dir, manifest, threshold)
     manifest = add_q4_1_twins(bundle_dir, manifest)
@@ -103,11 +103,12 @@ def reshare(bundle_dir: Path, manifest: Manifest, threshold: int) -> Manifest:
 
 
 def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], *, fills: Iterable[Segment] = (),
-              check: bool = True, out_dir: Optional[Path] = None) -> Manifest:
+              check: bool = True, out_dir: Optional[Path] = None, twins: bool = True) -> Manifest:
     """Write a span graph for every (first, last) of `ranges` and a merged kv_fill graph for every (first, last) of
     `fills` the bundle lacks; returns the manifest listing them (saved into `out_dir`, default `bundle_dir`). They
     point into the files the blocks and kv fills read and keep their small inline tensors (while exporting,
-    `reshare` then moves what they share into the shared file)."""
+    `reshare` then moves what they share into the shared file). `twins`: also write their fused Q4_1 twins
+    (`q4_1_twins.py`; not when `reshare` follows, which rewrites the graphs)."""
     bundle_dir = Path(bundle_dir)
     out_dir = Path(out_dir) if out_dir is not None else bundle_dir
     ranges = [r for r in dict.fromkeys(ranges) if r not in manifest.spans and r[1] > r[0]]
@@ -137,7 +138,8 @@ def add_spans(bundle_dir: Path, manifest: Manifest, ranges: Iterable[Segment], *
               for k, spec in graphs.items()}
     manifest = dataclasses.replace(manifest, graphs=graphs)
     manifest.save(out_dir)
-    manifest = add_q4_1_twins(out_dir, manifest, [span_name(*r) for r in ranges] + [fill_name(*r) for r in fills])
+    if twins:
+        manifest = add_q4_1_twins(out_dir, manifest, [span_name(*r) for r in ranges] + [fill_name(*r) for r in fills])
     if check:
         for first, last in ranges:
             check_span(bundle_dir, out_dir, manifest, first, last)

@@ -6,7 +6,7 @@ ReduceSum, MatMul, Add: exporter/gguf_grid.py), standard operators any ONNX Runt
 small nodes were 1.7 ms of a ~7 ms token and the whole gap to onnxruntime-genai's int4 (whose grid loses
 top-1 agreement: docs/quantization.md). The exporter also writes, for every merged graph (spans, merged kv
 fills, the full step) that has such groups, a twin whose groups are each one custom node reading the same
-initializers (`twin_file`, listed in the manifest's files under `twin_key`). The CPU backend loads the twin
+initializers (`twin_file`, listed in the manifest's attachments under `twin_key`). The CPU backend loads the twin
 instead where `library()` can be built and run here; elsewhere (other providers, other CPUs, no C compiler,
 `ADAINFER_Q4_1_KERNEL=0`) the standard graph runs. The library is compiled with the system C compiler on first
 use into the cache directory (`$ADAINFER_CACHE`, else ~/.cache/adainfer), named by the source's digest.
@@ -31,11 +31,12 @@ ENV = "ADAINFER_Q4_1_KERNEL"
 DOMAIN, OP = "adainfer", "MatMulQ4_1"
 
 _lock = threading.Lock()
-_built: dict[bool, Optional[Path]] = {}
+_UNBUILT = object()
+_library = _UNBUILT  # the built library, None where it cannot be built; once per process
 
 
 def twin_key(graph: str) -> str:
-    """The manifest `files` key of `graph`'s fused twin."""
+    """The manifest `attachments` key of `graph`'s fused twin (`twin_key("")`: every twin's key starts with it)."""
     return f"q4_1_kernel/{graph}"
 
 
@@ -66,21 +67,22 @@ def build(out_dir: Path, fast: bool = True) -> Path:
     return library
 
 
-def library(cache_dir: Optional[Path] = None) -> Optional[Path]:
+def library() -> Optional[Path]:
     """The AVX2 build, compiled once per source digest into the cache; None where it cannot run here."""
+    global _library
     if os.environ.get(ENV, "1") == "0" or not cpu_is_fast():
         return None
     with _lock:
-        if True not in _built:
-            _built[True] = _cached_build(cache_dir)
-        return _built[True]
+        if _library is _UNBUILT:
+            _library = _cached_build()
+        return _library
 
 
-def _cached_build(cache_dir: Optional[Path]) -> Optional[Path]:
+def _cached_build() -> Optional[Path]:
     from ..fetch import default_cache  # the one cache directory of the package
 
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + FAST_FLAGS).encode()).hexdigest()[:16]
-    target = Path(cache_dir or default_cache()) / "kernels" / f"libq4_1_matmul-{digest}.so"
+    target = default_cache() / "kernels" / f"libq4_1_matmul-{digest}.so"
     if target.is_file():
         return target
     try:

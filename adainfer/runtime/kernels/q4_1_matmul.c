@@ -41,7 +41,7 @@ static ParallelFor parallel_for;
 #define PARALLEL_FOR_VERSION 16
 #define BASE_VERSION 13
 
-typedef struct { int64_t K, N; uint8_t* packed; const void* packed_from; int fp16_exact; } Kernel;
+typedef struct { int64_t K, N; uint8_t* packed; const void* packed_from; } Kernel;
 
 typedef struct {
   const uint8_t* q; const float* d; const float* off; const uint8_t* packed;
