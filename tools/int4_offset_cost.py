@@ -113,6 +113,21 @@ def time_steps(sessions: dict, past: int, repeats: int) -> dict[str, list[float]
     return times
 
 
+def report(args, load: tuple, times: dict, what: str, record: dict) -> None:
+    """Print the medians (and each ÷ genai's where it ran) and write --json: `what` heads the table, `record` joins
+    the JSON."""
+    medians = {name: median(v) for name, v in times.items()}
+    print(f"{what}; decode step after {args.past} positions, {args.threads} threads, "
+          f"load {load[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    genai = medians.get("onnxruntime-genai int4")
+    for name, ms in medians.items():
+        print(f"  {name:28s} {ms:6.2f} ms" + (f"  {ms / genai:.3f}x genai" if genai else ""))
+    if args.json:
+        args.json.write_text(json.dumps({"bundle": str(args.bundle), **record, "past": args.past, "threads": args.threads,
+                                         "load_before": load, "load_after": os.getloadavg(), "ms": times,
+                                         "median_ms": medians}, indent=2))
+
+
 def main(argv=None) -> int:
     p = arguments(__doc__.splitlines()[0])
     args = p.parse_args(argv)
@@ -132,15 +147,7 @@ def main(argv=None) -> int:
             graphs["onnxruntime-genai int4"] = args.genai / "model.onnx"
         sessions = {name: session(path, args.threads) for name, path in graphs.items()}
     times = time_steps(sessions, args.past, args.repeats)
-    medians = {name: median(v) for name, v in times.items()}
-    print(f"{dropped} offset nodes dropped; decode step after {args.past} positions, {args.threads} threads, "
-          f"load {load[0]:.1f} -> {os.getloadavg()[0]:.1f}")
-    for name, ms in medians.items():
-        print(f"  {name:28s} {ms:6.2f} ms")
-    if args.json:
-        args.json.write_text(json.dumps({"bundle": str(args.bundle), "dropped_nodes": dropped, "past": args.past,
-                                         "threads": args.threads, "load_before": load, "load_after": os.getloadavg(),
-                                         "ms": times, "median_ms": medians}, indent=2))
+    report(args, load, times, f"{dropped} offset nodes dropped", {"dropped_nodes": dropped})
     return 0
 
 

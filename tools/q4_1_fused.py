@@ -16,17 +16,15 @@ kernel's gain at graph level, without the runtime (which runs such twins, `expor
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
-from statistics import median
 
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from int4_offset_cost import arguments, session, time_steps  # noqa: E402
+from int4_offset_cost import arguments, report, session, time_steps  # noqa: E402
 
 from adainfer.exporter.q4_1_twins import fuse_q4_1  # noqa: E402
 from adainfer.runtime.q4_1_kernel import build, cpu_is_fast  # noqa: E402
@@ -54,16 +52,7 @@ def main(argv=None) -> int:
         if args.genai:
             sessions["onnxruntime-genai int4"] = session(args.genai / "model.onnx", args.threads)
     times = time_steps(sessions, args.past, args.repeats)
-    medians = {name: median(v) for name, v in times.items()}
-    print(f"{groups} Q4_1 groups fused; decode step after {args.past} positions, {args.threads} threads, "
-          f"load {load[0]:.1f} -> {os.getloadavg()[0]:.1f}")
-    genai = medians.get("onnxruntime-genai int4")
-    for name, ms in medians.items():
-        print(f"  {name:24s} {ms:6.2f} ms" + (f"  {ms / genai:.3f}x genai" if genai else ""))
-    if args.json:
-        args.json.write_text(json.dumps({"bundle": str(args.bundle), "fused_groups": groups, "past": args.past,
-                                         "threads": args.threads, "load_before": load, "load_after": os.getloadavg(),
-                                         "ms": times, "median_ms": medians}, indent=2))
+    report(args, load, times, f"{groups} Q4_1 groups fused", {"fused_groups": groups})
     return 0
 
 
