@@ -9,6 +9,8 @@ One float32 bundle (the session fixture) is converted four ways (`convert_bundle
 from __future__ import annotations
 
 import collections
+import os
+import shutil
 
 import onnx
 import pytest
@@ -109,7 +111,7 @@ def test_smollm2_int8_dynamic_is_refused_by_its_quality_check(smollm2_hf, smollm
     assert not (tmp_path / "int8-dynamic").exists()
 
 
-def test_smollm2_int4_runs_its_q4_1_groups_in_the_fused_kernel(converted, smollm2_hf, monkeypatch):
+def test_smollm2_int4_runs_its_q4_1_groups_in_the_fused_kernel(converted, smollm2_hf, monkeypatch, tmp_path):
     """Every merged graph of the int4 bundle has a twin whose 120 (full step) Q4_1 groups are one custom node each;
     on this CPU the runtime runs the twins, and the bundle still agrees with float32 (>= 0.95, as the standard
     graphs do: 0.963 / 0.973 measured) and answers the chat question; ADAINFER_Q4_1_KERNEL=0 runs the standard ones."""
@@ -134,5 +136,12 @@ def test_smollm2_int4_runs_its_q4_1_groups_in_the_fused_kernel(converted, smollm
     sequences = quality.held_out_sequences(out / "tokenizer.json", manifest.vocab_size, manifest.bos_token_id)
     measured = quality.measure(out, sequences, quality.torch_reference(smollm2_hf, sequences))
     assert measured["top1_agreement"] >= 0.95 and measured["perplexity_ratio"] <= 1.03
+    # a twin whose name does not carry its graph's digest (left by a graph written again) is never run
+    stale = tmp_path / "stale"
+    shutil.copytree(out, stale)
+    old = manifest.attachments[twin_key("full_step")].file
+    os.rename(stale / old, stale / f"full_step.q4_1.{'0' * 16}.onnx")
+    manifest.attach(twin_key("full_step"), stale, f"full_step.q4_1.{'0' * 16}.onnx").save(stale)
+    assert "full_step" not in rt.load(stale).sessions.fused
     monkeypatch.setenv("ADAINFER_Q4_1_KERNEL", "0")
     assert not rt.load(out).sessions.fused
