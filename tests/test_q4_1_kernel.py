@@ -70,3 +70,55 @@ def test_fused_q4_1_equals_matmulnbits_plus_offset(libraries, k, n, rows, fp16_e
             got = run(fused, x, library, threads)
             assert got.shape == want.shape
             assert float(np.abs(got - want).max()) <= 2e-6 * scale, (name, threads)
+
+
+def swiglu_model(k: int, inner: int, fp16_exact: bool, seed: int) -> onnx.ModelProto:
+    """An MLP's gate and up projections as one Q4_1 MatMul (as the exporter fuses them), then its SwiGLU:
+    Split in halves, Sigmoid, Mul, Mul."""
+    model = q4_1_model(k, 2 * inner, fp16_exact, seed)
+    graph = model.graph
+    graph.node[-1].output[0] = "gate_up"
+    graph.initializer.append(numpy_helper.from_array(np.array([inner, inner], np.int64), "halves"))
+    graph.node.extend([
+        helper.make_node("Split", ["gate_up", "halves"], ["gate", "up"], name="split", axis=-1),
+        helper.make_node("Sigmoid", ["gate"], ["gate_sigmoid"], name="sigmoid"),
+        helper.make_node("Mul", ["gate", "gate_sigmoid"], ["gate_silu"], name="silu"),
+        helper.make_node("Mul", ["gate_silu", "up"], ["y"], name="product")])
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "m", inner]))
+    return model
+
+
+@pytest.mark.parametrize("k, inner, rows, fp16_exact", [
+    (576, 1536, 1, True),    # SmolLM2's MLP, one decode row
+    (576, 67, 3, True),      # an odd half: a task's last gate column alone
+    (96, 40, 2, True),       # an odd number of blocks: the plain path
+    (576, 100, 1, False),    # d, m not float16: the plain path
+])
+def test_fused_q4_1_takes_in_the_swiglu_that_reads_it(libraries, k, inner, rows, fp16_exact):
+    model = swiglu_model(k, inner, fp16_exact, seed=k + inner)
+    fused, groups = fuse_q4_1(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert groups == 1 and [node.op_type for node in fused.graph.node] == ["MatMulQ4_1"]
+    assert {a.name: helper.get_attribute_value(a) for a in fused.graph.node[0].attribute}["swiglu"] == 1
+    assert "halves" not in {t.name for t in fused.graph.initializer}
+    x = np.random.default_rng(rows).normal(size=(1, rows, k)).astype(np.float32)
+    want = run(model, x)
+    scale = float(np.abs(want).max())
+    for name, library in libraries.items():
+        for threads in (1, 2):
+            got = run(fused, x, library, threads)
+            assert got.shape == want.shape
+            assert float(np.abs(got - want).max()) <= 2e-6 * scale, (name, threads)
+
+
+def test_a_swiglu_whose_halves_are_read_elsewhere_is_left_to_the_graph(libraries):
+    """The gate's values are also a graph output: the Split, Sigmoid and Muls stay, the projection is fused."""
+    model = swiglu_model(576, 64, True, seed=3)
+    model.graph.output.append(helper.make_tensor_value_info("gate", TensorProto.FLOAT, [1, "m", 64]))
+    fused, groups = fuse_q4_1(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert groups == 1
+    assert [node.op_type for node in fused.graph.node] == ["MatMulQ4_1", "Split", "Sigmoid", "Mul", "Mul"]
+    x = np.random.default_rng(0).normal(size=(1, 2, 576)).astype(np.float32)
+    want = run(model, x)
+    got = run(fused, x, next(iter(libraries.values())))
+    assert float(np.abs(got - want).max()) <= 2e-6 * float(np.abs(want).max())

@@ -112,8 +112,8 @@ def test_smollm2_int8_dynamic_is_refused_by_its_quality_check(smollm2_hf, smollm
 
 
 def test_smollm2_int4_runs_its_q4_1_groups_in_the_fused_kernel(converted, smollm2_hf, monkeypatch, tmp_path):
-    """Every merged graph of the int4 bundle has a twin whose 120 (full step) Q4_1 groups are one custom node each;
-    on this CPU the runtime runs the twins, and the bundle still agrees with float32 (>= 0.95, as the standard
+    """Every merged graph of the int4 bundle has a twin whose 120 (full step) Q4_1 groups are one custom node each
+    (each MLP's SwiGLU in its gate/up node, each residual Add in the next norm); on this CPU the runtime runs the twins, and the bundle still agrees with float32 (>= 0.95, as the standard
     graphs do: 0.963 / 0.973 measured) and answers the chat question; ADAINFER_Q4_1_KERNEL=0 runs the standard ones."""
     from adainfer.exporter.q4_1_twins import fuse_q4_1
     from adainfer.runtime.q4_1_kernel import cpu_is_fast, library, twin_file, twin_key
@@ -128,6 +128,12 @@ def test_smollm2_int4_runs_its_q4_1_groups_in_the_fused_kernel(converted, smollm
     groups = 4 * manifest.num_layers  # q/k/v, o, gate/up, down per block
     assert ops["MatMulQ4_1"] == groups and ops["MatMulNBits"] == standard["MatMulNBits"] - groups
     assert ops["ReduceSum"] == standard["ReduceSum"] - groups and fuse_q4_1(twin)[1] == 0  # block sums gone
+    swiglu = [n for n in twin.graph.node if n.op_type == "MatMulQ4_1" and any(a.name == "swiglu" and a.i == 1 for a in n.attribute)]
+    assert len(swiglu) == manifest.num_layers and ops["Split"] == standard["Split"] - manifest.num_layers  # each MLP's
+    assert ops["Sigmoid"] == standard["Sigmoid"] - manifest.num_layers  # SwiGLU is in its gate/up node
+    # every block's input norm but the first (it reads the embedding) takes in the residual Add before it
+    skip = ops["SkipSimplifiedLayerNormalization"] - standard["SkipSimplifiedLayerNormalization"]
+    assert skip == manifest.num_layers - 1 and ops["Pow"] == standard["Pow"] - skip
     assert cpu_is_fast() and library() is not None  # CI's machine: AVX2, a C compiler
     fused = rt.load(out)
     prompt = fused.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")

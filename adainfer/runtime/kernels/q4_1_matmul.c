@@ -6,15 +6,17 @@
 
      inputs  x float [..., K]; B uint8 [N, K/32, 16] (MatMulNBits' 4-bit codes, low nibble first);
              scales float [N * K/32] (d); offsets float [K/32, N] (m + 8 d)
-     attrs   K, N
+     attrs   K, N; swiglu (optional, 0 or 1)
      output  y float [..., N] = x @ W,  W[k, n] = d[n, b] * (q[k, n] - 8) + offsets[b, n],  b = k / 32
+             with swiglu = 1 (W = [gate | up], N even): y float [..., N/2] = silu(x @ gate) * (x @ up), the
+             MLP's Split, Sigmoid and two Muls in the same pass (a gate and its up column are computed together)
 
    x is rounded to int8 per block of 32 (scale max|x| / 127, round to nearest even), as MatMulNBits'
    accuracy level 4 does; the offset term uses x's float block sums, as the graph does. With AVX2, F16C
-   and FMA, the first call repacks each column into one stream (per pair of blocks: 32 bytes of codes,
-   then d and m as float16, 40 bytes) when every d and m is exactly a float16 (a GGUF's are); otherwise,
-   and without AVX2, a plain C loop over the inputs as given. Columns are split over the session's
-   intra-op threads (OrtApi::KernelContext_ParallelFor).
+   and FMA, the first call repacks the columns four by four into one stream per quad (per pair of blocks:
+   the four columns' codes, then their d and m as float16: x is loaded once for four columns) when every d
+   and m is exactly a float16 (a GGUF's are); otherwise, and without AVX2, a plain C loop over the inputs as
+   given. Columns are split over the session's intra-op threads (OrtApi::KernelContext_ParallelFor).
 
    Built and loaded by adainfer/runtime/q4_1_kernel.py (the CPU backend runs the exporter's fused twins of the
    merged graphs with it); timed by tools/q4_1_fused.py. */
@@ -29,8 +31,9 @@
 #endif
 
 #define BLK 32
-#define CHUNK 64       /* columns per parallel task */
-#define PAIR_BYTES 40  /* packed: codes of two blocks, d_b, d_b+1, m_b, m_b+1 as float16 */
+#define CHUNK 32       /* output columns per parallel task (a multiple of 4): SmolLM2's 576, 960, 1536 split evenly on 2 threads */
+#define QUAD_PAIR 160  /* packed, per pair of blocks: the codes of four columns (4 x 32 bytes), then each one's
+                          d_b, d_b+1, m_b, m_b+1 as float16 (4 x 8 bytes) */
 
 static const OrtApi* ort;
 /* OrtApi::KernelContext_ParallelFor is slot 274 of the function table (API version 16 on); the vendored
@@ -41,12 +44,13 @@ static ParallelFor parallel_for;
 #define PARALLEL_FOR_VERSION 16
 #define BASE_VERSION 13
 
-typedef struct { int64_t K, N; uint8_t* packed; const void* packed_from; } Kernel;
+typedef struct { int64_t K, N, swiglu; uint8_t* packed; const void* packed_from; } Kernel;
 
 typedef struct {
   const uint8_t* q; const float* d; const float* off; const uint8_t* packed;
   const int8_t* x8; const float* sxv; const int32_t* corr; const float* bs; const float* bsv;
-  float* y; int64_t rows, N, nb, pairs;
+  float* y; int64_t rows, N, nb, pairs, out;  /* out: output columns (N, or N / 2 with swiglu) */
+  int swiglu;
 } Job;
 
 /* One row of x: per pair of blocks, int8 codes [b even k | b+1 even k] [b odd k | b+1 odd k] (the order
@@ -95,88 +99,141 @@ static float one_column(const Job* j, int64_t n, const int8_t* x8, const float* 
 }
 
 #ifdef FAST
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+/* The four columns packed together as quad `quad`: 4q .. 4q + 3 (the last one repeated past N); with swiglu the
+   gates 2q, 2q + 1 and their up columns 2q + out, 2q + 1 + out (2q repeated past out). */
+static void quad_columns(const Job* j, int64_t quad, int64_t cols[4]) {
+  if (j->swiglu) {
+    int64_t a = 2 * quad, b = a + 1 < j->out ? a + 1 : a;
+    cols[0] = a; cols[1] = b; cols[2] = a + j->out; cols[3] = b + j->out;
+  } else {
+    for (int i = 0; i < 4; ++i) cols[i] = 4 * quad + i < j->N ? 4 * quad + i : j->N - 1;
+  }
 }
 
-/* y[0], y[1] for two packed columns (c0 may equal c1) */
-static inline void two_packed(const uint8_t* c0, const uint8_t* c1, int64_t pairs, const int8_t* x8, const float* sxv,
-                              const int32_t* corr, const float* bsv, float* y) {
+static int64_t quads(const Job* j) { return j->swiglu ? (j->out + 1) / 2 : (j->N + 3) / 4; }
+
+/* y[0..3] for the four columns of one packed quad: x's int8 codes and scales are loaded once per pair of blocks
+   for all four */
+static inline void quad_packed(const uint8_t* s, int64_t pairs, const int8_t* x8, const float* sxv,
+                               const int32_t* corr, const float* bsv, float* y) {
   const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  __m128 off0 = _mm_setzero_ps(), off1 = _mm_setzero_ps();
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m128 off[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};
   for (int64_t p = 0; p < pairs; ++p) {
-    const uint8_t* a = c0 + p * PAIR_BYTES;
-    const uint8_t* b = c1 + p * PAIR_BYTES;
-    _mm_prefetch((const char*)(a + 1024), _MM_HINT_T0);
-    _mm_prefetch((const char*)(b + 1024), _MM_HINT_T0);
+    const uint8_t* a = s + p * QUAD_PAIR;
+    _mm_prefetch((const char*)(a + 4 * QUAD_PAIR), _MM_HINT_T0);
+    _mm_prefetch((const char*)(a + 4 * QUAD_PAIR + 64), _MM_HINT_T0);
+    _mm_prefetch((const char*)(a + 4 * QUAD_PAIR + 128), _MM_HINT_T0);
     const __m256i xe = _mm256_load_si256((const __m256i*)(x8 + p * 64));
     const __m256i xo = _mm256_load_si256((const __m256i*)(x8 + p * 64 + 32));
     const __m256i c = _mm256_load_si256((const __m256i*)(corr + p * 8));
     const __m256 sx = _mm256_load_ps(sxv + p * 8);
     const __m128 bs = _mm_load_ps(bsv + p * 4);
-    const __m256i r0 = _mm256_loadu_si256((const __m256i*)a), r1 = _mm256_loadu_si256((const __m256i*)b);
-    const __m128 f0 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(a + 32)));  /* d_b, d_b+1, m_b, m_b+1 */
-    const __m128 f1 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(b + 32)));
-    __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(r0, mask), xe),
-                                  _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r0, 4), mask), xo));
-    __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(r1, mask), xe),
-                                  _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r1, 4), mask), xo));
-    p0 = _mm256_sub_epi32(_mm256_madd_epi16(p0, ones), c);
-    p1 = _mm256_sub_epi32(_mm256_madd_epi16(p1, ones), c);
-    const __m256 s0 = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(f0), lanes), sx);
-    const __m256 s1 = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(f1), lanes), sx);
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, acc1);
-    off0 = _mm_fmadd_ps(f0, bs, off0);  /* (m + 8 d) . blocksum */
-    off1 = _mm_fmadd_ps(f1, bs, off1);
+    for (int i = 0; i < 4; ++i) {
+      const __m256i r = _mm256_loadu_si256((const __m256i*)(a + 32 * i));
+      const __m128 f = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(a + 128 + 8 * i)));  /* d_b, d_b+1, m_b, m_b+1 */
+      __m256i dot = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(r, mask), xe),
+                                     _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r, 4), mask), xo));
+      dot = _mm256_sub_epi32(_mm256_madd_epi16(dot, ones), c);
+      const __m256 scale = _mm256_mul_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(f), lanes), sx);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
+      off[i] = _mm_fmadd_ps(f, bs, off[i]);  /* (m + 8 d) . blocksum */
+    }
   }
-  y[0] = hsum(_mm256_add_ps(acc0, _mm256_castps128_ps256(off0)));
-  y[1] = hsum(_mm256_add_ps(acc1, _mm256_castps128_ps256(off1)));
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m128 o = _mm_hadd_ps(_mm_hadd_ps(off[0], off[1]), _mm_hadd_ps(off[2], off[3]));
+  _mm_storeu_ps(y, _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), o));
 }
 
 /* the packed copy, or NULL when some d or m is not exactly a float16 */
 static uint8_t* pack(const Job* j) {
-  size_t stride = (size_t)j->pairs * PAIR_BYTES;
-  uint8_t* out = (uint8_t*)aligned_alloc(64, ((size_t)j->N * stride + 63) & ~(size_t)63);
-  for (int64_t n = 0; n < j->N; ++n)
-    for (int64_t p = 0; p < j->pairs; ++p) {
-      uint8_t* dst = out + n * stride + p * PAIR_BYTES;
-      float d0 = j->d[n * j->nb + 2 * p], d1 = j->d[n * j->nb + 2 * p + 1];
-      float f[4] = {d0, d1, j->off[(2 * p) * j->N + n] - 8.f * d0, j->off[(2 * p + 1) * j->N + n] - 8.f * d1};
-      __m128i h = _mm_cvtps_ph(_mm_loadu_ps(f), _MM_FROUND_TO_NEAREST_INT);
-      float back[4];
-      _mm_storeu_ps(back, _mm_cvtph_ps(h));
-      if (memcmp(back, f, sizeof f)) { free(out); return NULL; }
-      memcpy(dst, j->q + (n * j->nb + 2 * p) * 16, 32);
-      _mm_storel_epi64((__m128i*)(dst + 32), h);
-    }
+  size_t stride = (size_t)j->pairs * QUAD_PAIR;
+  uint8_t* out = (uint8_t*)aligned_alloc(64, ((size_t)quads(j) * stride + 63) & ~(size_t)63);
+  for (int64_t quad = 0; quad < quads(j); ++quad) {
+    int64_t cols[4];
+    quad_columns(j, quad, cols);
+    for (int64_t p = 0; p < j->pairs; ++p)
+      for (int i = 0; i < 4; ++i) {
+        int64_t n = cols[i];
+        uint8_t* dst = out + quad * stride + p * QUAD_PAIR;
+        float d0 = j->d[n * j->nb + 2 * p], d1 = j->d[n * j->nb + 2 * p + 1];
+        float f[4] = {d0, d1, j->off[(2 * p) * j->N + n] - 8.f * d0, j->off[(2 * p + 1) * j->N + n] - 8.f * d1};
+        __m128i h = _mm_cvtps_ph(_mm_loadu_ps(f), _MM_FROUND_TO_NEAREST_INT);
+        float back[4];
+        _mm_storeu_ps(back, _mm_cvtph_ps(h));
+        if (memcmp(back, f, sizeof f)) { free(out); return NULL; }
+        memcpy(dst + 32 * i, j->q + (n * j->nb + 2 * p) * 16, 32);
+        _mm_storel_epi64((__m128i*)(dst + 128 + 8 * i), h);
+      }
+  }
   return out;
 }
 #endif
 
+/* x * sigmoid(x) * u over n values (in place in g); a Cephes-style expf (relative error ~1e-7) with AVX2 */
+#ifdef FAST
+static inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+static void apply_swiglu(float* g, const float* u, int64_t n) {
+  int64_t i = 0;
+#ifdef FAST
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8) {
+    __m256 x = _mm256_loadu_ps(g + i);
+    __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+    _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
 static void work(void* data, size_t index) {
   const Job* j = (const Job*)data;
-  int64_t n0 = (int64_t)index * CHUNK, n1 = n0 + CHUNK < j->N ? n0 + CHUNK : j->N;
+  int64_t n0 = (int64_t)index * CHUNK, n1 = n0 + CHUNK < j->out ? n0 + CHUNK : j->out;
+  float up[CHUNK];
   for (int64_t r = 0; r < j->rows; ++r) {
     const int8_t* x8 = j->x8 + r * j->pairs * 64;
     const float* sxv = j->sxv + r * j->pairs * 8;
     const int32_t* corr = j->corr + r * j->pairs * 8;
-    float* y = j->y + r * j->N;
+    float* y = j->y + r * j->out;
     int64_t n = n0;
 #ifdef FAST
     if (j->packed) {
-      size_t stride = (size_t)j->pairs * PAIR_BYTES;
       const float* bsv = j->bsv + r * j->pairs * 4;
-      for (; n + 1 < n1; n += 2) two_packed(j->packed + n * stride, j->packed + (n + 1) * stride, j->pairs, x8, sxv, corr, bsv, y + n);
-      if (n < n1) { float t[2]; two_packed(j->packed + n * stride, j->packed + n * stride, j->pairs, x8, sxv, corr, bsv, t); y[n] = t[0]; }
-      continue;
+      size_t stride = (size_t)j->pairs * QUAD_PAIR;
+      int64_t per = j->swiglu ? 2 : 4;  /* output columns per quad (CHUNK is a multiple of 4) */
+      for (; n < n1; n += per) {
+        float t[4];
+        quad_packed(j->packed + (n / per) * stride, j->pairs, x8, sxv, corr, bsv, t);
+        for (int64_t i = 0; i < per && n + i < n1; ++i) {
+          y[n + i] = t[i];
+          if (j->swiglu) up[n + i - n0] = t[2 + i];
+        }
+      }
+      n = n1;
     }
 #endif
-    for (; n < n1; ++n) y[n] = one_column(j, n, x8, sxv, corr, j->bs + r * j->pairs * 2);
+    for (; n < n1; ++n) {
+      y[n] = one_column(j, n, x8, sxv, corr, j->bs + r * j->pairs * 2);
+      if (j->swiglu) up[n - n0] = one_column(j, n + j->out, x8, sxv, corr, j->bs + r * j->pairs * 2);
+    }
+    if (j->swiglu) apply_swiglu(y + n0, up, n1 - n0);
   }
 }
 
@@ -188,6 +245,7 @@ static void* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi* api
   OrtStatus* st = api->KernelInfoGetAttribute_int64(info, "K", &k->K);
   if (!st) st = api->KernelInfoGetAttribute_int64(info, "N", &k->N);
   if (st) { api->ReleaseStatus(st); k->K = k->N = 0; }
+  if ((st = api->KernelInfoGetAttribute_int64(info, "swiglu", &k->swiglu))) { api->ReleaseStatus(st); k->swiglu = 0; }
   return k;
 }
 
@@ -206,10 +264,10 @@ static void ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   if (!st && rank >= 1 && rank <= 8) st = ort->GetDimensions(info, dims, rank);
   ort->ReleaseTensorTypeAndShapeInfo(info);
   if (st) { ort->ReleaseStatus(st); return; }
-  if (rank < 1 || rank > 8 || dims[rank - 1] != k->K || k->K % BLK) return;  /* no output: ORT reports it */
+  if (rank < 1 || rank > 8 || dims[rank - 1] != k->K || k->K % BLK || (k->swiglu && k->N % 2)) return;  /* no output: ORT reports it */
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < rank; ++i) rows *= dims[i];
-  dims[rank - 1] = k->N;
+  dims[rank - 1] = k->swiglu ? k->N / 2 : k->N;
   OrtValue* out;
   CHECK(ort->KernelContext_GetOutput(ctx, 0, dims, rank, &out));
   Job j;
@@ -220,6 +278,7 @@ static void ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   CHECK(ort->GetTensorMutableData((OrtValue*)ov, &p)); j.off = (const float*)p;
   CHECK(ort->GetTensorMutableData(out, &p)); j.y = (float*)p;
   j.rows = rows; j.N = k->N; j.nb = k->K / BLK; j.pairs = (j.nb + 1) / 2; j.packed = NULL;
+  j.swiglu = k->swiglu != 0; j.out = j.swiglu ? k->N / 2 : k->N;
   if (rows == 0 || k->N == 0) return;
   size_t x8_bytes = (size_t)(rows * j.pairs * 64), lanes = (size_t)(rows * j.pairs * 8);
   size_t bytes = x8_bytes + 2 * lanes * 4 + (size_t)(rows * j.pairs * 4) * 4 + (size_t)(rows * j.pairs * 2) * 4;
@@ -244,7 +303,7 @@ static void ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
     j.packed = k->packed;
   }
 #endif
-  size_t tasks = (size_t)((k->N + CHUNK - 1) / CHUNK);
+  size_t tasks = (size_t)((j.out + CHUNK - 1) / CHUNK);
   st = parallel_for ? parallel_for(ctx, work, tasks, 0, &j) : NULL;
   if (!parallel_for || st) {
     if (st) ort->ReleaseStatus(st);
