@@ -113,7 +113,7 @@ def test_smollm2_int8_dynamic_is_refused_by_its_quality_check(smollm2_hf, smollm
 
 def test_smollm2_int4_runs_its_q4_1_groups_in_the_fused_kernel(converted, smollm2_hf, monkeypatch, tmp_path):
     """Every merged graph of the int4 bundle has a twin whose 120 (full step) Q4_1 groups are one custom node each
-    (each MLP's SwiGLU in its gate/up node, each residual Add in the next norm); on this CPU the runtime runs the twins, and the bundle still agrees with float32 (>= 0.95, as the standard
+    (each MLP's SwiGLU in its gate/up node, each residual Add in the next norm, no padding bias); on this CPU the runtime runs the twins, and the bundle still agrees with float32 (>= 0.95, as the standard
     graphs do: 0.963 / 0.973 measured) and answers the chat question; ADAINFER_Q4_1_KERNEL=0 runs the standard ones."""
     from adainfer.exporter.q4_1_twins import fuse_q4_1
     from adainfer.runtime.q4_1_kernel import cpu_is_fast, library, twin_file, twin_key
@@ -134,6 +134,10 @@ def test_smollm2_int4_runs_its_q4_1_groups_in_the_fused_kernel(converted, smollm
     # every block's input norm but the first (it reads the embedding) takes in the residual Add before it
     skip = ops["SkipSimplifiedLayerNormalization"] - standard["SkipSimplifiedLayerNormalization"]
     assert skip == manifest.num_layers - 1 and ops["Pow"] == standard["Pow"] - skip
+    # a merged graph runs unpadded batches only: the twin's attention has no padding bias (the standard's has)
+    attention = [n for n in twin.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == manifest.num_layers and all(len(n.input) <= 10 for n in attention)
+    assert standard["Unsqueeze"] > ops["Unsqueeze"]  # the bias's own nodes are gone
     assert cpu_is_fast() and library() is not None  # CI's machine: AVX2, a C compiler
     fused = rt.load(out)
     prompt = fused.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")

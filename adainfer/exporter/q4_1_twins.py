@@ -6,7 +6,8 @@ replaces the three nodes by one `adainfer.MatMulQ4_1(x, codes, scales, m + 8 d)`
 adds no weight bytes: it points into the same data files) and drops the block sums nothing else reads. A fused
 gate and up projection whose only reader is the MLP's SwiGLU (Split in halves, Sigmoid, Mul, Mul) takes it in too
 (`swiglu=1`): ~25 us of small nodes per layer on SmolLM2, where a decode token is ~5 ms. The twin's residual Adds
-and the norms after them are also made one node each (`skip_norms.py`). Written
+and the norms after them are also made one node each (`skip_norms.py`), and its attention drops the bias that masks
+left padding (a merged graph only runs unpadded batches: `drop_padding_bias`). Written
 after the merged graphs are final (their digest is in the twin's name), listed in the manifest's attachments (like
 the merged graphs, outside the bundle's digest: a calibrated policy stays valid).
 """
@@ -22,6 +23,8 @@ from onnx import helper, numpy_helper
 from ..manifest import Manifest
 from ..runtime.q4_1_kernel import DOMAIN, OP, twin_file, twin_key
 from .skip_norms import fuse_skip_norms
+
+ATTENTION_BIAS = 10  # GroupQueryAttention's input (rotary_fold.py lists them)
 
 
 def fuse_q4_1(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -41,13 +44,8 @@ def fuse_q4_1(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         fused[node.name] = helper.make_node(OP, [*nbits.input[:3], offset.input[1]], [node.output[0]],
                                             name=f"{nbits.name}_fused", domain=DOMAIN, K=attrs["K"], N=attrs["N"])
         dropped |= {nbits.name, offset.name}
-    kept = _fuse_swiglu([fused.get(n.name, n) for n in nodes if n.name not in dropped], model.graph)
-    while True:  # the block sums (and their reshapes) nothing reads any more
-        read = {name for n in kept for name in n.input} | {o.name for o in model.graph.output}
-        unused = [n for n in kept if n.op_type in ("Reshape", "ReduceSum") and not any(o in read for o in n.output)]
-        if not unused:
-            break
-        kept = [n for n in kept if n not in unused]
+    kept = _drop_unread(_fuse_swiglu([fused.get(n.name, n) for n in nodes if n.name not in dropped], model.graph),
+                        model.graph)  # the block sums (and their reshapes) nothing reads any more
     del model.graph.node[:]
     model.graph.node.extend(kept)
     if fused and not any(o.domain == DOMAIN for o in model.opset_import):
@@ -100,6 +98,33 @@ def _fuse_swiglu(nodes: list, graph: onnx.GraphProto) -> list:
     return [replaced.get(id(n), n) for n in nodes if id(n) not in dropped]
 
 
+def _drop_unread(nodes: list, graph: onnx.GraphProto) -> list:
+    """`nodes` without those whose outputs nothing reads (ONNX operators have no side effects), repeatedly."""
+    while True:
+        read = {name for n in nodes for name in n.input} | {o.name for o in graph.output}
+        kept = [n for n in nodes if any(o in read for o in n.output if o)]
+        if len(kept) == len(nodes):
+            return kept
+        nodes = kept
+
+
+def drop_padding_bias(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """`model` with every GroupQueryAttention's `attention_bias` (the mask of left-padded keys) dropped, and the
+    nodes that built it; how many attention nodes had one. Only for a merged graph: those run unpadded batches
+    only (their attention rotates by cache slot: `rotary_fold.py`, `chain.run_layers`), where the bias is zero."""
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and len(node.input) > ATTENTION_BIAS and node.input[ATTENTION_BIAS]:
+            node.input[ATTENTION_BIAS] = ""
+            count += 1
+        while node.op_type == "GroupQueryAttention" and node.input and not node.input[-1]:
+            node.input.pop()
+    kept = _drop_unread(list(model.graph.node), model.graph)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model, count
+
+
 def add_q4_1_twins(bundle_dir: Path, manifest: Manifest, graphs: Optional[Iterable[str]] = None) -> Manifest:
     """Write the twin of each merged graph (all of them, or `graphs`) that has Q4_1 groups into `bundle_dir`, drop
     twins of graphs that are gone or were written again, and return the manifest listing them (saved)."""
@@ -121,6 +146,7 @@ def add_q4_1_twins(bundle_dir: Path, manifest: Manifest, graphs: Optional[Iterab
         model, groups = fuse_q4_1(onnx.load(str(bundle_dir / spec.file), load_external_data=False))
         if groups:
             model, _ = fuse_skip_norms(model)
+            model, _ = drop_padding_bias(model)
             onnx.save_model(model, str(bundle_dir / twin_file(graph, spec.sha256)))
             manifest = manifest.attach(twin_key(graph), bundle_dir, twin_file(graph, spec.sha256))
     if manifest != before:
