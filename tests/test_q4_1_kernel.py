@@ -50,6 +50,18 @@ def run(model: onnx.ModelProto, x: np.ndarray, library=None, threads: int = 2) -
     return ort.InferenceSession(model.SerializeToString(), options).run(None, {"x": x})[0]
 
 
+def assert_same_in_every_build(libraries, model, fused, x) -> None:
+    """The fused graph gives the standard graph's output within 2e-6 of its scale, in each build on 1 and 2 threads."""
+    x = x.astype(np.float32)
+    want = run(model, x)
+    scale = float(np.abs(want).max())
+    for name, library in libraries.items():
+        for threads in (1, 2):
+            got = run(fused, x, library, threads)
+            assert got.shape == want.shape
+            assert float(np.abs(got - want).max()) <= 2e-6 * scale, (name, threads)
+
+
 @pytest.mark.parametrize("k, n, rows, fp16_exact", [
     (576, 960, 1, True),     # SmolLM2's q/k/v group, one decode row
     (1536, 576, 3, True),    # down_proj, three rows
@@ -62,14 +74,7 @@ def test_fused_q4_1_equals_matmulnbits_plus_offset(libraries, k, n, rows, fp16_e
     assert [node.op_type for node in model.graph.node].count("MatMulNBits") == 1
     fused, groups = fuse_q4_1(onnx.ModelProto.FromString(model.SerializeToString()))
     assert groups == 1 and [node.op_type for node in fused.graph.node] == ["MatMulQ4_1"]
-    x = np.random.default_rng(rows).normal(size=(1, rows, k)).astype(np.float32)
-    want = run(model, x)
-    scale = float(np.abs(want).max())
-    for name, library in libraries.items():
-        for threads in (1, 2):
-            got = run(fused, x, library, threads)
-            assert got.shape == want.shape
-            assert float(np.abs(got - want).max()) <= 2e-6 * scale, (name, threads)
+    assert_same_in_every_build(libraries, model, fused, np.random.default_rng(rows).normal(size=(1, rows, k)))
 
 
 def swiglu_model(k: int, inner: int, fp16_exact: bool, seed: int) -> onnx.ModelProto:
@@ -101,14 +106,7 @@ def test_fused_q4_1_takes_in_the_swiglu_that_reads_it(libraries, k, inner, rows,
     assert groups == 1 and [node.op_type for node in fused.graph.node] == ["MatMulQ4_1"]
     assert {a.name: helper.get_attribute_value(a) for a in fused.graph.node[0].attribute}["swiglu"] == 1
     assert "halves" not in {t.name for t in fused.graph.initializer}
-    x = np.random.default_rng(rows).normal(size=(1, rows, k)).astype(np.float32)
-    want = run(model, x)
-    scale = float(np.abs(want).max())
-    for name, library in libraries.items():
-        for threads in (1, 2):
-            got = run(fused, x, library, threads)
-            assert got.shape == want.shape
-            assert float(np.abs(got - want).max()) <= 2e-6 * scale, (name, threads)
+    assert_same_in_every_build(libraries, model, fused, np.random.default_rng(rows).normal(size=(1, rows, k)))
 
 
 def test_a_swiglu_whose_halves_are_read_elsewhere_is_left_to_the_graph(libraries):
