@@ -128,17 +128,27 @@ def report(args, load: tuple, times: dict, what: str, record: dict) -> None:
                                          "median_ms": medians}, indent=2))
 
 
-def main(argv=None) -> int:
-    p = arguments(__doc__.splitlines()[0])
-    args = p.parse_args(argv)
+def rewritten_full_step(args, rewrite, what: str):
+    """The bundle's full step and `rewrite(model) -> (model, count)` of it, as (source, model, count); None after a
+    one-line error where there is no full step or the rewrite finds no `what` in it."""
     source = args.bundle / "full_step.onnx"
     if not source.is_file():
         print(f"error: no full_step.onnx in {args.bundle}", file=sys.stderr)
+        return None
+    model, count = rewrite(onnx.load(str(source), load_external_data=False))
+    if not count:
+        print(f"error: {source} has no {what} (not an int4 bundle from a Q4_1 GGUF?)", file=sys.stderr)
+        return None
+    return source, model, count
+
+
+def main(argv=None) -> int:
+    p = arguments(__doc__.splitlines()[0])
+    args = p.parse_args(argv)
+    found = rewritten_full_step(args, without_offsets, "Q4_1 offset terms")
+    if found is None:
         return 2
-    model, dropped = without_offsets(onnx.load(str(source), load_external_data=False))
-    if not dropped:
-        print(f"error: {source} has no Q4_1 offset terms (not an int4 bundle from a Q4_1 GGUF?)", file=sys.stderr)
-        return 2
+    source, model, dropped = found
     load = os.getloadavg()
     with tempfile.NamedTemporaryFile(suffix=".onnx", dir=args.bundle) as probe:  # beside its external data
         onnx.save(model, probe.name)

@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from int4_offset_cost import arguments, report, session, time_steps  # noqa: E402
+from int4_offset_cost import arguments, report, rewritten_full_step, session, time_steps  # noqa: E402
 
 from adainfer.exporter.q4_1_twins import fuse_q4_1  # noqa: E402
 from adainfer.runtime.q4_1_kernel import build, cpu_is_fast  # noqa: E402
@@ -32,14 +32,10 @@ from adainfer.runtime.q4_1_kernel import build, cpu_is_fast  # noqa: E402
 def main(argv=None) -> int:
     p = arguments(__doc__.splitlines()[0])
     args = p.parse_args(argv)
-    source = args.bundle / "full_step.onnx"
-    if not source.is_file():
-        print(f"error: no full_step.onnx in {args.bundle}", file=sys.stderr)
+    found = rewritten_full_step(args, fuse_q4_1, "Q4_1 groups")
+    if found is None:
         return 2
-    model, groups = fuse_q4_1(onnx.load(str(source), load_external_data=False))
-    if not groups:
-        print(f"error: {source} has no Q4_1 groups (not an int4 bundle from a Q4_1 GGUF?)", file=sys.stderr)
-        return 2
+    source, model, groups = found
     if not cpu_is_fast():
         print("error: this CPU lacks AVX2/FMA/F16C, which the kernel's fast path needs", file=sys.stderr)
         return 2

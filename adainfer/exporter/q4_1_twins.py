@@ -31,7 +31,7 @@ def fuse_q4_1(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """`model` with every Q4_1 group replaced by one fused node; how many groups it had."""
     nodes = list(model.graph.node)
     producer = {out: node for node in nodes for out in node.output}
-    fused, dropped = {}, set()
+    fused, dropped = {}, set()  # by identity, as the passes below
     for node in nodes:
         if not node.name.endswith("_add_offset") or node.op_type != "Add":
             continue
@@ -41,10 +41,10 @@ def fuse_q4_1(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         attrs = {a.name: helper.get_attribute_value(a) for a in nbits.attribute}
         if len(nbits.input) != 3 or attrs.get("bits") != 4 or attrs.get("block_size") != 32:
             continue
-        fused[node.name] = helper.make_node(OP, [*nbits.input[:3], offset.input[1]], [node.output[0]],
+        fused[id(node)] = helper.make_node(OP, [*nbits.input[:3], offset.input[1]], [node.output[0]],
                                             name=f"{nbits.name}_fused", domain=DOMAIN, K=attrs["K"], N=attrs["N"])
-        dropped |= {nbits.name, offset.name}
-    kept = _drop_unread(_fuse_swiglu([fused.get(n.name, n) for n in nodes if n.name not in dropped], model.graph),
+        dropped |= {id(nbits), id(offset)}
+    kept = _drop_unread(_fuse_swiglu([fused.get(id(n), n) for n in nodes if id(n) not in dropped], model.graph),
                         model.graph)  # the block sums (and their reshapes) nothing reads any more
     del model.graph.node[:]
     model.graph.node.extend(kept)
