@@ -300,3 +300,58 @@ def test_in_place_calls_read_their_outputs_without_wrapping_every_output(stories
     assert kv_in_place._bound_outputs(Public()) == ["public"]
     fast.close()
     plain.close()
+
+
+def test_a_decode_step_binds_only_its_mask(models, monkeypatch):
+    """After a binding's first calls, a step copies its token ids and positions into arrays bound once and reads
+    its logits from an array bound once (each binding call costs 20-40 us after a graph run on SmolLM2): one
+    `bind_cpu_input` (the mask, a new shape each step), no other binding call; the logits are still the plain
+    blocks' and each step's are an array of their own."""
+    import onnxruntime as ort
+
+    fast, plain = models
+    state_a, _ = fast.start([IDS])
+    state_b, logits_b = plain.start([IDS])
+    for token in (3, 4, 5, 6, 7, 8, 9, 10):  # past the growth to 24 (at 13 positions): new bindings, then steady
+        fast.step(state_a, [token])
+        logits_b = plain.step(state_b, [token])
+    calls = []
+    for name in ("bind_cpu_input", "bind_input", "bind_output", "bind_ortvalue_input", "bind_ortvalue_output"):
+        original = getattr(ort.IOBinding, name)
+        monkeypatch.setattr(ort.IOBinding, name,
+                            lambda self, *a, _f=original, _n=name, **k: (calls.append((self, _n)), _f(self, *a, **k))[1])
+    seen = []
+    for token in (11, 12, 13):
+        logits_a, logits_b = fast.step(state_a, [token]), plain.step(state_b, [token])
+        assert np.abs(logits_a - logits_b).max() <= 1e-5
+        seen.append(logits_a)
+    full_step = state_a.in_place.bound["full_step"].binding
+    assert calls == [(full_step, "bind_cpu_input")] * 3
+    assert not np.shares_memory(seen[0], seen[1]) and not np.shares_memory(seen[1], seen[2])
+    assert state_a.in_place.capacity == 24 and state_a.length == len(IDS) + 11
+
+
+def test_a_decode_steps_mask_and_positions_equal_a_mask_of_ones():
+    """`KVState.advance(None, new)` (every new token real: the decode step's few numpy calls) gives what a mask of
+    ones gives; `unpadded` follows padding in, a rollback past it and a fork."""
+    from adainfer.runtime.backends.cpu import HostKVCache
+
+    a, b = HostKVCache.empty(1, 2, 1, 4, np.float32), HostKVCache.empty(1, 2, 1, 4, np.float32)
+    prompt = np.array([[0, 1, 1], [1, 1, 1]])
+    assert np.array_equal(a.advance(prompt), b.advance(prompt))
+    assert not a.unpadded
+    for new in (1, 3, 1):
+        pa, pb = a.advance(None, new), b.advance(np.ones((2, new), dtype=np.int64))
+        assert np.array_equal(pa, pb) and pa.dtype == np.int64 and pa.shape == (2, new)
+        assert np.array_equal(a.attention_mask, b.attention_mask) and np.array_equal(a.next_position, b.next_position)
+    assert a.next_position.tolist() == [7, 8] and not a.unpadded
+    fork = a.fork()
+    a.truncate(1)
+    assert not a.unpadded and not fork.unpadded
+    c = HostKVCache.empty(1, 1, 1, 4, np.float32)
+    c.advance(np.array([[1, 1]]))
+    c.advance(np.array([[0]]))
+    assert not c.unpadded
+    c.truncate(2)
+    assert c.unpadded and c.fork().unpadded
+    assert c.advance(None).tolist() == [[2]]

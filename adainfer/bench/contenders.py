@@ -155,7 +155,7 @@ class EarlyExit:
         self.exit_layers: list[int] = []
 
     def _forward(self, state, ids: np.ndarray) -> int:
-        run = self.model.run_layers(ids, state, np.ones_like(ids), self.decider)
+        run = self.model.run_layers(ids, state, None, self.decider)
         self.exit_layers.append(run.exit_layer)
         if run.token is not None:
             return int(run.token[0])

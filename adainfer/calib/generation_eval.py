@@ -22,7 +22,7 @@ def full_model_nll(model, ids: list[int], generated: list[int]) -> float:
     """Mean negative log-likelihood of `generated` after `ids` under the full-depth model."""
     sequence = np.asarray([ids + generated], dtype=np.int64)
     state = model.new_state(1)
-    run = model.run_layers(sequence, state, np.ones_like(sequence))
+    run = model.run_layers(sequence, state)
     logits = model.final_logits(run.hidden[0]).astype(np.float64)
     logits -= logits.max(-1, keepdims=True)
     logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))

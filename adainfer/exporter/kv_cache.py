@@ -82,7 +82,7 @@ def calibration_absmax(bundle_dir: Path, text: Path = DEFAULT_CALIB_DATA, storie
     for ids in filter(None, variants):
         input_ids = np.asarray([ids], dtype=np.int64)
         state = model.new_state(1)
-        model.run_layers(input_ids, state, np.ones_like(input_ids))
+        model.run_layers(input_ids, state)
         for layer in range(m.num_layers):  # (1, kv heads, length, head_dim)
             k_max[layer] = np.maximum(k_max[layer], np.abs(state.keys[layer][0]).max(axis=1))
             v_max[layer] = np.maximum(v_max[layer], np.abs(state.values[layer][0]).max(axis=1))

@@ -125,7 +125,7 @@ def all_position_logits(model, ids: list[int]) -> np.ndarray:
     """Logits (positions, vocab) of one sequence through a loaded runtime bundle (teacher forcing)."""
     input_ids = np.asarray([ids], dtype=np.int64)
     state = model.new_state(1)
-    run = model.run_layers(input_ids, state, np.ones_like(input_ids))
+    run = model.run_layers(input_ids, state)
     return model.final_logits(run.hidden[0])
 
 

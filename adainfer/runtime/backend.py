@@ -49,6 +49,7 @@ class KVState:
         self.attention_mask = np.zeros((batch, 0), dtype=np.int64)
         self.next_position = np.zeros(batch, dtype=np.int64)
         self.complete_layers = None  # < num_layers after an early exit, until the skipped layers are filled
+        self.unpadded = True  # whether the mask is all ones (kept here: a decode step would otherwise scan it)
 
     @property
     def batch(self) -> int:
@@ -58,33 +59,45 @@ class KVState:
     def length(self) -> int:
         return self.attention_mask.shape[1]
 
-    def advance(self, step_mask: np.ndarray) -> np.ndarray:
-        """Append a step's padding mask (batch, seq); returns its position ids, which count real tokens only."""
+    def advance(self, step_mask: Optional[np.ndarray], new: int = 1) -> np.ndarray:
+        """Append a step's padding mask (batch, seq), or None for `new` real tokens per row (a decode step: fewer
+        numpy calls, each ~10-20 us after a graph run has evicted the caches); returns its position ids, which
+        count real tokens only."""
+        if step_mask is None:
+            batch = self.next_position.shape[0]
+            self.attention_mask = np.concatenate([self.attention_mask, np.ones((batch, new), np.int64)], axis=1)
+            position_ids = self.next_position[:, None] + (np.arange(new, dtype=np.int64) if new > 1 else 0)
+            self.next_position = self.next_position + new
+            return position_ids
         self.attention_mask = np.concatenate([self.attention_mask, step_mask], axis=1)
         position_ids = np.maximum(self.next_position[:, None] + np.cumsum(step_mask, axis=1) - 1, 0).astype(np.int64)
         self.next_position = self.next_position + step_mask.sum(axis=1)
+        self.unpadded = self.unpadded and bool(step_mask.all())
         return position_ids
 
     def _copy_state_to(self, other: "KVState") -> None:
         other.attention_mask = self.attention_mask.copy()
         other.next_position = self.next_position.copy()
         other.complete_layers = self.complete_layers
+        other.unpadded = self.unpadded
 
     def _truncate_state(self, length: int) -> None:
         removed = self.attention_mask[:, length:].sum(axis=1)
         self.attention_mask = self.attention_mask[:, :length]
         self.next_position = self.next_position - removed
+        self.unpadded = bool(self.attention_mask.all())
 
 
 class KVCache(Protocol):
     attention_mask: np.ndarray
     next_position: np.ndarray
     complete_layers: Optional[int]
+    unpadded: bool
 
     @property
     def length(self) -> int: ...
 
-    def advance(self, step_mask: np.ndarray) -> np.ndarray: ...
+    def advance(self, step_mask: Optional[np.ndarray], new: int = 1) -> np.ndarray: ...
 
     def fork(self) -> "KVCache": ...
 

@@ -18,9 +18,10 @@ from .segments import boundaries, cover
 Observer = Callable[[int, object], None]
 
 
-def run_layers(backend: Backend, input_ids: np.ndarray, cache: KVCache, step_mask: np.ndarray, decider=None,
-               observe: Optional[Observer] = None) -> LayerRun:
-    """Embed `input_ids` (batch, seq) and run the blocks in order, appending to `cache`; with a
+def run_layers(backend: Backend, input_ids: np.ndarray, cache: KVCache, step_mask: Optional[np.ndarray] = None,
+               decider=None, observe: Optional[Observer] = None) -> LayerRun:
+    """Embed `input_ids` (batch, seq) and run the blocks in order, appending to `cache` (`step_mask`: which of the
+    new positions are real, None for all, `KVState.advance`); with a
     `decider` stop after the first evaluated block where it says so. `observe(layer, hidden)` sees
     the embedding (layer 0) and every block's output (calibration traces).
 
@@ -28,12 +29,12 @@ def run_layers(backend: Backend, input_ids: np.ndarray, cache: KVCache, step_mas
     (`backend.spans`) between the layers where the decider looks, single blocks elsewhere; with
     `observe`, or where a row is padded, single blocks only (a span's attention rotates keys by cache slot,
     which is the position only without padding: `exporter/rotary_fold.py`)."""
-    position_ids = cache.advance(step_mask)
+    position_ids = cache.advance(step_mask, input_ids.shape[1])
     hidden = backend.embed(input_ids, position_ids, cache)
     if observe is not None:
         observe(0, hidden)
     L = backend.num_layers
-    spans = () if observe is not None or not cache.attention_mask.all() else getattr(backend, "spans", ())
+    spans = () if observe is not None or not cache.unpadded else getattr(backend, "spans", ())
     decisions = 0
     for first, last in cover(L, boundaries(L, decider), spans):
         before = hidden
@@ -68,12 +69,13 @@ def fill_skipped(backend: Backend, cache: KVCache, run: LayerRun) -> None:
     cache.complete_layers = backend.num_layers
 
 
-def full_depth_logits(backend: Backend, input_ids: np.ndarray, cache: KVCache, step_mask: np.ndarray) -> np.ndarray:
+def full_depth_logits(backend: Backend, input_ids: np.ndarray, cache: KVCache,
+                      step_mask: Optional[np.ndarray] = None) -> np.ndarray:
     """Every block, then the last position's logits (batch, vocab): in one graph call where the backend runs
     a full step (embedding, blocks and final head merged) and no row is padded (the full step's attention rotates
     keys by cache slot, the blocks' by position: equal without padding), else `run_layers` and the final head."""
-    if getattr(backend, "runs_full_step", False) and cache.attention_mask.all() and step_mask.all():
-        return backend.full_step(input_ids, cache.advance(step_mask), cache)
+    if getattr(backend, "runs_full_step", False) and cache.unpadded and (step_mask is None or step_mask.all()):
+        return backend.full_step(input_ids, cache.advance(step_mask, input_ids.shape[1]), cache)
     return last_logits(backend, run_layers(backend, input_ids, cache, step_mask))
 
 

@@ -94,7 +94,7 @@ class EarlyExitDecoder:
     def step(self, state, token: int):
         model, backend = self.model, self.model.backend
         ids = np.array([[token]], dtype=np.int64)
-        run = chain.run_layers(backend, ids, state, np.ones_like(ids), self.decider)
+        run = chain.run_layers(backend, ids, state, None, self.decider)
         chain.fill_skipped(backend, state, run)
         logits = chain.last_logits(backend, run)  # the head runs once more: charged below
         cost = token_cost(model.manifest, self.decider.policy, run.exit_layer, state.length)
@@ -163,7 +163,7 @@ class SpeculativeDecoder:
         """One full-depth forward over [token] + drafts on the verified cache; logits at every position."""
         ids = np.array([[token, *drafts]], dtype=np.int64)
         backend = self.model.backend
-        return chain.all_logits(backend, chain.run_layers(backend, ids, self.state, np.ones_like(ids)))
+        return chain.all_logits(backend, chain.run_layers(backend, ids, self.state))
 
     def accept(self, drafts: list[int], dists: list[np.ndarray], logits: np.ndarray) -> tuple[int, int]:
         """(number of drafts accepted, the next token from the full model)."""

@@ -156,7 +156,7 @@ def predict(model, ids: Sequence[int], decider: Optional[ExitDecider] = None, wa
     ids = model.check_ids(ids)
     state = model.new_state(1)
     input_ids = np.asarray([ids], dtype=np.int64)
-    run = model.run_layers(input_ids, state, np.ones_like(input_ids), decider)
+    run = model.run_layers(input_ids, state, None, decider)
     logits = None
     if run.token is not None and not want_logits:
         token = int(run.token[0])
@@ -177,7 +177,7 @@ def trace(model, ids: Sequence[int]) -> list[np.ndarray]:
     state = model.new_state(1)
     input_ids = np.asarray([ids], dtype=np.int64)
     layers: list[np.ndarray] = []
-    chain.run_layers(backend, input_ids, state, np.ones_like(input_ids),
+    chain.run_layers(backend, input_ids, state,
                      observe=lambda layer, hidden: layers.append(backend.host(hidden)[0]))
     state.close()
     return layers

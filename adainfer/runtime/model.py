@@ -137,13 +137,16 @@ class Model:
     def new_state(self, batch: int) -> DecodeState:
         return self.backend.new_cache(batch)
 
-    def run_layers(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray, decider=None) -> LayerRun:
-        """`chain.run_layers` on this model's backend, with the hidden states returned on the host."""
+    def run_layers(self, input_ids: np.ndarray, state: DecodeState, step_mask: Optional[np.ndarray] = None,
+                   decider=None) -> LayerRun:
+        """`chain.run_layers` on this model's backend (`step_mask`: None where every new token is real), with the
+        hidden states returned on the host."""
         run = chain.run_layers(self.backend, input_ids, state, step_mask, decider)
         return replace(run, hidden=self.backend.host(run.hidden))
 
-    def forward(self, input_ids: np.ndarray, state: DecodeState, step_mask: np.ndarray) -> np.ndarray:
-        """Feed `input_ids` (batch, seq) through every block; returns the last position's logits."""
+    def forward(self, input_ids: np.ndarray, state: DecodeState, step_mask: Optional[np.ndarray] = None) -> np.ndarray:
+        """Feed `input_ids` (batch, seq) through every block (`step_mask`: None where every new token is real);
+        returns the last position's logits."""
         return chain.full_depth_logits(self.backend, input_ids, state, step_mask)
 
     def start(self, prompts: Sequence[Sequence[int]]) -> tuple[DecodeState, np.ndarray]:
@@ -167,13 +170,12 @@ class Model:
         if len(checked) != state.attention_mask.shape[0]:
             raise InputError(f"step got {len(checked)} tokens for a batch of {state.attention_mask.shape[0]}")
         self._check_range(checked)
-        ids = np.asarray(checked, dtype=np.int64).reshape(-1, 1)
         if state.complete_layers not in (None, self.num_layers):
             raise InputError("this state ended in an early exit; fill the skipped layers "
                              "(chain.fill_skipped) before decoding further")
         if state.length + 1 > self.manifest.max_positions:
             raise InputError(f"context would exceed the model's {self.manifest.max_positions} positions")
-        return self.forward(ids, state, np.ones_like(ids))
+        return self.forward(np.array([[i] for i in checked], dtype=np.int64), state)
 
     def last_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """Last-position logits (batch, vocab) of a batch of token-id prompts."""
