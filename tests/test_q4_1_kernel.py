@@ -120,3 +120,80 @@ def test_a_swiglu_whose_halves_are_read_elsewhere_is_left_to_the_graph(libraries
     want = run(model, x)
     got = run(fused, x, next(iter(libraries.values())))
     assert float(np.abs(got - want).max()) <= 2e-6 * float(np.abs(want).max())
+
+
+def refine_tail_model(vocab: int, k: int, candidates: int, seed: int) -> onnx.ModelProto:
+    """A refined 8-bit LM head (`head_refine.refine_heads`) whose coarse logits are an input (so ties can be
+    given): coarse [2, vocab], x [2, k] -> logits [2, vocab]."""
+    from adainfer.exporter.head_refine import refine_heads
+
+    rng = np.random.default_rng(seed)
+    table = rng.integers(1, 256, (vocab, k // 32, 32), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.01, (vocab * (k // 32),)).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["logits"], name="head", domain="com.microsoft",
+                            K=k, N=vocab, bits=8, block_size=32, accuracy_level=4)
+    graph = helper.make_graph([node], "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, vocab])],
+                              [numpy_helper.from_array(table, "B"), numpy_helper.from_array(scales, "S")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    model = refine_heads(model, candidates)
+    coarse = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    model.graph.node.remove(coarse)
+    model.graph.input.append(helper.make_tensor_value_info(coarse.output[0], TensorProto.FLOAT, [2, vocab]))
+    return model
+
+
+@pytest.mark.parametrize("vocab, k, candidates", [
+    (300, 64, 7),     # a vocabulary not a multiple of 8: the scan's and the cap's plain tails
+    (2048, 576, 64),  # SmolLM2's hidden size and candidate count
+    (40, 96, 40),     # every token a candidate
+    (50, 64, 1),      # one
+])
+def test_fused_head_refine_equals_the_refine_tail(libraries, vocab, k, candidates):
+    """`adainfer.HeadRefine` gives the eight-node tail's logits (within 2e-6 of their scale: the re-scored sums in
+    another order; the same candidates, the rest capped exactly, the same argmax), with coarse logits full of ties
+    (rounded to integers: TopK takes the lower index), on 1 and 2 threads in each build; a tail whose values something
+    else reads is left to the graph."""
+    from adainfer.exporter.q4_1_twins import fuse_head_refine
+
+    model = refine_tail_model(vocab, k, candidates, seed=vocab + k)
+    fused, count = fuse_head_refine(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert count == 1 and [n.op_type for n in fused.graph.node] == ["HeadRefine"]
+    rng = np.random.default_rng(candidates)
+    feeds = {"x": rng.normal(size=(2, k)).astype(np.float32),
+             model.graph.input[-1].name: np.round(rng.normal(size=(2, vocab)) * 1.5).astype(np.float32)}
+
+    def run_feeds(m, library=None, threads=2):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        if library is not None:
+            options.register_custom_ops_library(str(library))
+        return ort.InferenceSession(m.SerializeToString(), options).run(None, feeds)[0]
+
+    coarse = feeds[model.graph.input[-1].name]
+    if candidates + 2 <= vocab:  # row 0: the heap full of 1s, then a 5 and a tying 1 in one 8-wide compare
+        coarse[0] = -5.0
+        coarse[0, :candidates] = coarse[0, candidates + 1] = 1.0
+        coarse[0, candidates] = 5.0
+    top = np.argsort(-coarse, axis=-1, kind="stable")[:, :candidates]  # TopK's choice among ties: lower index
+    others = np.ones_like(coarse, dtype=bool)
+    np.put_along_axis(others, top, False, axis=-1)
+
+    def capped(logits):  # every logit but the candidates': the coarse one, capped at the lowest re-scored one
+        floor = np.take_along_axis(logits, top, axis=-1).min(axis=-1, keepdims=True)
+        return np.minimum(coarse, floor)[others]
+
+    want = run_feeds(model)
+    assert np.array_equal(want[others], capped(want))
+    for name, library in libraries.items():
+        for threads in (1, 2):
+            got = run_feeds(fused, library, threads)
+            assert got.shape == want.shape
+            assert float(np.abs(got - want).max()) <= 2e-6 * float(np.abs(want).max()), (name, threads)
+            assert np.array_equal(got[others], capped(got)), (name, threads)  # the same candidates, ties included
+            assert np.array_equal(got.argmax(-1), want.argmax(-1))
+    read = onnx.ModelProto.FromString(model.SerializeToString())
+    read.graph.output.append(helper.make_tensor_value_info(
+        next(n for n in read.graph.node if n.op_type == "ReduceMin").output[0], TensorProto.FLOAT, None))
+    assert fuse_head_refine(read)[1] == 0

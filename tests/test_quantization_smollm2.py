@@ -12,6 +12,7 @@ import collections
 import os
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 
@@ -74,7 +75,7 @@ def test_smollm2_int4_answers_the_chat_question_as_fp32(converted, smollm2_bundl
 
 
 def test_smollm2_int4_refined_head_keeps_the_choice_and_stores_the_table_once(converted, smollm2_hf, smollm2_bundle,
-                                                                             tmp_path):
+                                                                             tmp_path, monkeypatch):
     """`--head-refine 64` on int4: the 4-bit copy ranks, the 8-bit Q8_0 rows re-score; the 8-bit table is the
     embedding's (stored once, so the bundle shrinks by the 8-bit head less the 4-bit copy), agreement with float32
     stays >= 0.95 (measured 0.963), and the chat answer is float32's."""
@@ -99,10 +100,28 @@ def test_smollm2_int4_refined_head_keeps_the_choice_and_stores_the_table_once(co
     int4_size = sum(f.stat().st_size for f in converted["int4"][0].iterdir())
     refined_size = sum(f.stat().st_size for f in out.iterdir())
     assert int4_size - refined_size > 10e6  # 31.9 MB of 8-bit head out, 16.0 MB of 4-bit copy in
+    # the full step's twin re-scores in one adainfer.HeadRefine node, the standard graph's eight tail nodes gone
+    from adainfer.runtime.q4_1_kernel import twin_key
+
+    twin = onnx.load(str(out / manifest.attachments[twin_key("full_step")].file), load_external_data=False)
+    ops = collections.Counter(n.op_type for n in twin.graph.node)
+    assert ops["HeadRefine"] == 1 and not ops["TopK"] and not ops["ScatterElements"] and ops["GatherBlockQuantized"] == 1
     fp32, refined = rt.load(smollm2_bundle), rt.load(out)
     prompt = fp32.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     want = fp32.generate(prompt, max_new_tokens=8, stop_at_eos=False)
+    assert "full_step" in refined.sessions.fused
     assert refined.generate(prompt, max_new_tokens=8, stop_at_eos=False).tokens == want.tokens
+    monkeypatch.setenv("ADAINFER_Q4_1_KERNEL", "0")  # the standard graphs: the twin's logits are theirs
+    standard = rt.load(out)
+    assert not standard.sessions.fused
+    for model in (refined, standard):
+        state, logits = model.start([prompt])
+        steps = [logits[0]]
+        for token in want.tokens[:4]:
+            steps.append(model.step(state, [token])[0])
+        model.steps = np.array(steps)
+    assert np.array_equal(refined.steps.argmax(-1), standard.steps.argmax(-1))  # (a tail logit may be capped in
+    # one and re-scored in the other: the twin's Q4_1 sums move the coarse ranking's boundary a little)
 
 
 def test_smollm2_int8_dynamic_is_refused_by_its_quality_check(smollm2_hf, smollm2_bundle, tmp_path):

@@ -7,7 +7,8 @@ adds no weight bytes: it points into the same data files) and drops the block su
 gate and up projection whose only reader is the MLP's SwiGLU (Split in halves, Sigmoid, Mul, Mul) takes it in too
 (`swiglu=1`): ~25 us of small nodes per layer on SmolLM2, where a decode token is ~5 ms. The twin's residual Adds
 and the norms after them are also made one node each (`skip_norms.py`), and its attention drops the bias that masks
-left padding (a merged graph only runs unpadded batches: `drop_padding_bias`). Written
+left padding (a merged graph only runs unpadded batches: `drop_padding_bias`); a refined LM head's re-scoring tail
+is one `adainfer.HeadRefine` node (`fuse_head_refine`). Written
 after the merged graphs are final (their digest is in the twin's name), listed in the manifest's attachments (like
 the merged graphs, outside the bundle's digest: a calibrated policy stays valid).
 """
@@ -21,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..manifest import Manifest
-from ..runtime.q4_1_kernel import DOMAIN, OP, twin_file, twin_key
+from ..runtime.q4_1_kernel import DOMAIN, OP, REFINE_OP, twin_file, twin_key
 from .skip_norms import fuse_skip_norms
 
 ATTENTION_BIAS = 10  # GroupQueryAttention's input (rotary_fold.py lists them)
@@ -98,6 +99,62 @@ def _fuse_swiglu(nodes: list, graph: onnx.GraphProto) -> list:
     return [replaced.get(id(n), n) for n in nodes if id(n) not in dropped]
 
 
+def fuse_head_refine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """`model` with the tail of each refined LM head (`head_refine.refine_heads`: TopK of the coarse logits, the
+    candidates' 8-bit rows by GatherBlockQuantized, Unsqueeze, MatMul, Squeeze, ReduceMin, Min, ScatterElements) made
+    one `adainfer.HeadRefine` node on the same inputs; how many it had. Eight nodes, ~0.12 ms a SmolLM2 int4 token
+    (mostly per-node cost), where the kernel takes ~0.03. A tail whose intermediate values anything else reads is
+    left to the graph."""
+    nodes = list(model.graph.node)
+    producer = {out: node for node in nodes for out in node.output}
+    reads: dict = {}
+    for node in nodes:
+        for name in node.input:
+            reads[name] = reads.get(name, 0) + 1
+    outputs = {o.name for o in model.graph.output}
+
+    def made(name: str, op: str, read: int = 1):
+        node = producer.get(name)
+        ok = node is not None and node.op_type == op and reads.get(name) == read and name not in outputs
+        return node if ok else None
+
+    def attrs(node) -> dict:
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    replaced = {}
+    for scatter in nodes:
+        if scatter.op_type != "ScatterElements" or len(scatter.input) != 3 or attrs(scatter).get("axis") != -1:
+            continue
+        tail, top, exact = scatter.input
+        low, squeeze = made(tail, "Min"), made(exact, "Squeeze", 2)
+        floor = made(low.input[1], "ReduceMin") if low is not None and len(low.input) == 2 else None
+        topk = producer.get(top)
+        if any(n is None for n in (low, squeeze, floor, topk)) or floor.input[0] != exact or topk.op_type != "TopK" \
+                or reads.get(top) != 2 or top in outputs or topk.input[0] != low.input[0] \
+                or attrs(topk).get("axis") != -1 or attrs(topk).get("largest", 1) != 1 \
+                or reads.get(topk.output[0], 0) or topk.output[0] in outputs:
+            continue
+        matmul = made(squeeze.input[0], "MatMul")
+        rows = made(matmul.input[0], "GatherBlockQuantized") if matmul is not None else None
+        column = made(matmul.input[1], "Unsqueeze") if matmul is not None else None
+        if rows is None or column is None or len(rows.input) != 3 or rows.input[1] != top:
+            continue
+        a = attrs(rows)
+        if (a.get("bits"), a.get("gather_axis"), a.get("quantize_axis")) != (8, 0, 1):
+            continue
+        table, _, scales = rows.input
+        replaced[id(scatter)] = helper.make_node(
+            REFINE_OP, [low.input[0], column.input[0], table, scales, topk.input[1]], [scatter.output[0]],
+            name=f"{scatter.name}_fused", domain=DOMAIN, block_size=a["block_size"])
+    if replaced:
+        kept = _drop_unread([replaced.get(id(n), n) for n in nodes], model.graph)
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        if not any(o.domain == DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return model, len(replaced)
+
+
 def _drop_unread(nodes: list, graph: onnx.GraphProto) -> list:
     """`nodes` without those whose outputs nothing reads (ONNX operators have no side effects), repeatedly."""
     while True:
@@ -147,6 +204,7 @@ def add_q4_1_twins(bundle_dir: Path, manifest: Manifest, graphs: Optional[Iterab
         if groups:
             model, _ = fuse_skip_norms(model)
             model, _ = drop_padding_bias(model)
+            model, _ = fuse_head_refine(model)
             onnx.save_model(model, str(bundle_dir / twin_file(graph, spec.sha256)))
             manifest = manifest.attach(twin_key(graph), bundle_dir, twin_file(graph, spec.sha256))
     if manifest != before:

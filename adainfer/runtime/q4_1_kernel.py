@@ -24,11 +24,15 @@ from pathlib import Path
 from typing import Optional
 
 SOURCE = Path(__file__).resolve().with_name("kernels") / "q4_1_matmul.c"
+#: compiled together into one library (q4_1_matmul.c registers every op); ort_ops.h is what they share
+SOURCES = (SOURCE, SOURCE.with_name("head_refine.c"))
+HEADERS = (SOURCE.with_name("ort_ops.h"),)
 FAST_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
 #: "0" turns the kernel off (the standard graphs run)
 ENV = "ADAINFER_Q4_1_KERNEL"
 DOMAIN, OP = "adainfer", "MatMulQ4_1"
+REFINE_OP = "HeadRefine"  # kernels/head_refine.c: a refined LM head's re-scoring tail
 
 _lock = threading.Lock()
 _UNBUILT = object()
@@ -62,7 +66,7 @@ def build(out_dir: Path, fast: bool = True) -> Path:
     suffix = "" if fast else "-plain"
     library = Path(out_dir) / f"libq4_1_matmul{suffix}.so"
     flags = [*FLAGS, f"-I{SOURCE.parent}", *(FAST_FLAGS if fast else ())]
-    subprocess.run([os.environ.get("CC", "cc"), *flags, str(SOURCE), "-o", str(library), "-lm"], check=True,
+    subprocess.run([os.environ.get("CC", "cc"), *flags, *map(str, SOURCES), "-o", str(library), "-lm"], check=True,
                    capture_output=True)
     return library
 
@@ -81,7 +85,8 @@ def library() -> Optional[Path]:
 def _cached_build() -> Optional[Path]:
     from ..fetch import default_cache  # the one cache directory of the package
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + FAST_FLAGS).encode()).hexdigest()[:16]
+    code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    digest = hashlib.sha256(code + " ".join(FLAGS + FAST_FLAGS).encode()).hexdigest()[:16]
     target = default_cache() / "kernels" / f"libq4_1_matmul-{digest}.so"
     if target.is_file():
         return target

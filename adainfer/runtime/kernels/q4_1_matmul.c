@@ -25,6 +25,7 @@
 #include <string.h>
 #include <math.h>
 #include "onnxruntime_c_api.h"
+#include "ort_ops.h"
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define FAST 1
 #include <immintrin.h>
@@ -38,11 +39,12 @@
 static const OrtApi* ort;
 /* OrtApi::KernelContext_ParallelFor is slot 274 of the function table (API version 16 on); the vendored
    header is the 1.13 one, so it is read by position (the table only ever grows). */
-typedef OrtStatus*(ORT_API_CALL* ParallelFor)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*);
 static ParallelFor parallel_for;
+const OrtApi* ort_api;  /* the same two, for the library's other ops (ort_ops.h) */
+ParallelFor ort_parallel_for;
 #define PARALLEL_FOR_SLOT 274
 #define PARALLEL_FOR_VERSION 16
-#define BASE_VERSION 13
+#define BASE_VERSION ORT_OPS_BASE_VERSION
 
 typedef struct { int64_t K, N, swiglu; uint8_t* packed; const void* packed_from; } Kernel;
 
@@ -333,6 +335,8 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
   ort = newer ? newer : base->GetApi(BASE_VERSION);
   if (!ort) return NULL;
   parallel_for = newer ? (ParallelFor)((void* const*)newer)[PARALLEL_FOR_SLOT] : NULL;
+  ort_api = ort;
+  ort_parallel_for = parallel_for;
   memset(&op, 0, sizeof op);
   op.version = BASE_VERSION;
   op.CreateKernel = create_kernel; op.GetName = op_name; op.GetExecutionProviderType = op_ep;
@@ -343,5 +347,6 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
   OrtStatus* st = ort->CreateCustomOpDomain("adainfer", &domain);
   if (st) return st;
   if ((st = ort->CustomOpDomain_Add(domain, &op))) return st;
+  if ((st = ort->CustomOpDomain_Add(domain, head_refine_op()))) return st;
   return ort->AddCustomOpDomain(options, domain);
 }
