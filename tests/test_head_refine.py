@@ -102,7 +102,7 @@ def test_refinement_is_refused_without_an_8_bit_head_or_with_too_many_candidates
     quantize.check_options("fp32", "gguf", 8, 64)
 
 
-def test_refine_on_the_command_line_exports_and_refuses_in_one_line(tmp_path):
+def test_refine_on_the_command_line_exports_and_refuses_in_one_line(tmp_path, monkeypatch):
     """stories260K int4 with 8-bit heads re-scored: the manifest records it, both LM heads carry it (the full step
     too), the quality check passes, and the chain picks the 8-bit head's token; misuse exits 2 in one line."""
     import json
@@ -128,6 +128,30 @@ def test_refine_on_the_command_line_exports_and_refuses_in_one_line(tmp_path):
     want, got = bundles["head8"].last_logits(prompts), bundles["refined"].last_logits(prompts)
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert np.abs(got.max(-1) - want.max(-1)).max() < 0.05  # the best logit re-scored at 8 bits, float activations
+    # each of the three has a twin whose tail is one adainfer.HeadRefine node (runtime/kernels/head_refine.c), run
+    # where the library builds (CI's machine), giving the standard graphs' logits
+    from adainfer.manifest import Manifest
+    from adainfer.runtime.q4_1_kernel import library, twin_key
+
+    manifest = Manifest.load(tmp_path / "refined")
+    for graph in ("exit_head", "final_head", "full_step"):
+        twin = onnx.load(str(tmp_path / "refined" / manifest.attachments[twin_key(graph)].file), load_external_data=False)
+        ops = [n.op_type for n in twin.graph.node]
+        standard_ops = [n.op_type for n in onnx.load(str(tmp_path / "refined" / f"{graph}.onnx"),
+                                                       load_external_data=False).graph.node]
+        assert ops.count("HeadRefine") == 1 and "ScatterElements" not in ops, graph
+        assert ops.count("TopK") == standard_ops.count("TopK") - 1, graph  # (the exit head's features keep theirs)
+    assert library() is not None
+    refined = bundles["refined"]
+    batches = (prompts, [prompts[0]])  # a padded batch runs the final head, one prompt the full step
+    fused = [refined.last_logits(batch) for batch in batches]
+    assert {"final_head", "full_step"} <= refined.sessions.fused
+    monkeypatch.setenv("ADAINFER_Q4_1_KERNEL", "0")
+    standard = rt.load(tmp_path / "refined")
+    for batch, got in zip(batches, fused):
+        want = standard.last_logits(batch)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert not standard.sessions.fused
 
 
 @pytest.mark.parametrize("head", ["8-bit", "refined", "4-bit"])

@@ -182,9 +182,15 @@ def drop_padding_bias(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, count
 
 
+#: head graphs: a refined LM head's tail runs in the library too, at every exit and full-depth token
+HEADS = ("final_head", "exit_head")
+
+
 def add_q4_1_twins(bundle_dir: Path, manifest: Manifest, graphs: Optional[Iterable[str]] = None) -> Manifest:
-    """Write the twin of each merged graph (all of them, or `graphs`) that has Q4_1 groups into `bundle_dir`, drop
-    twins of graphs that are gone or were written again, and return the manifest listing them (saved)."""
+    """Write the twin of each merged graph and head graph (all of them, or `graphs`) that has Q4_1 groups or a
+    refined head's tail into `bundle_dir`, drop twins of graphs that are gone or were written again, and return
+    the manifest listing them (saved). The graph-level fusions that go with the Q4_1 kernel (SwiGLU, skip norms, no
+    padding bias) are applied where there are Q4_1 groups; a graph with only a refined tail gets only that fused."""
     bundle_dir = Path(bundle_dir)
     before = manifest
     prefix = twin_key("")
@@ -196,7 +202,8 @@ def add_q4_1_twins(bundle_dir: Path, manifest: Manifest, graphs: Optional[Iterab
         if spec is None or attached.file != twin_file(graph, spec.sha256):
             (bundle_dir / attached.file).unlink(missing_ok=True)
             manifest = manifest.detach(key)
-    for graph in sorted(set(graphs if graphs is not None else manifest.merged_graphs) & set(manifest.graphs)):
+    candidates = graphs if graphs is not None else manifest.merged_graphs | set(HEADS)
+    for graph in sorted(set(candidates) & set(manifest.graphs)):
         if twin_key(graph) in manifest.attachments:
             continue
         spec = manifest.graphs[graph]
@@ -204,7 +211,8 @@ def add_q4_1_twins(bundle_dir: Path, manifest: Manifest, graphs: Optional[Iterab
         if groups:
             model, _ = fuse_skip_norms(model)
             model, _ = drop_padding_bias(model)
-            model, _ = fuse_head_refine(model)
+        model, refined = fuse_head_refine(model)
+        if groups or refined:
             onnx.save_model(model, str(bundle_dir / twin_file(graph, spec.sha256)))
             manifest = manifest.attach(twin_key(graph), bundle_dir, twin_file(graph, spec.sha256))
     if manifest != before:
