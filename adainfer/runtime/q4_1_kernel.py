@@ -9,7 +9,9 @@ fills, the full step) that has such groups, a twin whose groups are each one cus
 initializers (`twin_file`, listed in the manifest's attachments under `twin_key`). The CPU backend loads the twin
 instead where `library()` can be built and run here; elsewhere (other providers, other CPUs, no C compiler,
 `ADAINFER_Q4_1_KERNEL=0`) the standard graph runs. The library is compiled with the system C compiler on first
-use into the cache directory (`$ADAINFER_CACHE`, else ~/.cache/adainfer), named by the source's digest.
+use into the cache directory (`$ADAINFER_CACHE`, else ~/.cache/adainfer), named by the source's digest. The
+same library holds `adainfer.HeadRefine` (kernels/head_refine.c): a refined LM head's re-scoring tail in one node,
+in the twins of refined bundles' head graphs and merged graphs (`exporter/q4_1_twins.fuse_head_refine`).
 """
 
 from __future__ import annotations
