@@ -137,7 +137,8 @@ def fuse_head_refine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         matmul = made(squeeze.input[0], "MatMul")
         rows = made(matmul.input[0], "GatherBlockQuantized") if matmul is not None else None
         column = made(matmul.input[1], "Unsqueeze") if matmul is not None else None
-        if rows is None or column is None or len(rows.input) != 3 or rows.input[1] != top:
+        if rows is None or column is None or len(rows.input) != 3 or rows.input[1] != top \
+                or column.input[1:] != squeeze.input[1:]:  # x made a column and the products squeezed on one axis
             continue
         a = attrs(rows)
         if (a.get("bits"), a.get("gather_axis"), a.get("quantize_axis")) != (8, 0, 1):
