@@ -129,28 +129,18 @@ static void* ORT_API_CALL refine_create(const OrtCustomOp* op, const OrtApi* api
   return k;
 }
 
-static int64_t dims_of(const OrtValue* v, int64_t* dims, size_t* rank) {
-  OrtTensorTypeAndShapeInfo* info;
-  OrtStatus* st = ort_api->GetTensorTypeAndShape(v, &info);
-  if (st) { ort_api->ReleaseStatus(st); return 0; }
-  st = ort_api->GetDimensionsCount(info, rank);
-  if (!st && *rank >= 1 && *rank <= 8) st = ort_api->GetDimensions(info, dims, *rank);
-  ort_api->ReleaseTensorTypeAndShapeInfo(info);
-  if (st) { ort_api->ReleaseStatus(st); return 0; }
-  return *rank >= 1 && *rank <= 8;
-}
-
 static void ORT_API_CALL refine_compute(void* kernel, OrtKernelContext* ctx) {
   const RefineKernel* k = (const RefineKernel*)kernel;
   const OrtValue *cv, *xv, *tv, *sv, *rv;
-  OrtStatus* st = NULL;
-  if ((st = ort_api->KernelContext_GetInput(ctx, 0, &cv)) || (st = ort_api->KernelContext_GetInput(ctx, 1, &xv)) ||
-      (st = ort_api->KernelContext_GetInput(ctx, 2, &tv)) || (st = ort_api->KernelContext_GetInput(ctx, 3, &sv)) ||
-      (st = ort_api->KernelContext_GetInput(ctx, 4, &rv))) { ort_api->ReleaseStatus(st); return; }
+  CHECK(ort_api->KernelContext_GetInput(ctx, 0, &cv));
+  CHECK(ort_api->KernelContext_GetInput(ctx, 1, &xv));
+  CHECK(ort_api->KernelContext_GetInput(ctx, 2, &tv));
+  CHECK(ort_api->KernelContext_GetInput(ctx, 3, &sv));
+  CHECK(ort_api->KernelContext_GetInput(ctx, 4, &rv));
   int64_t cd[8], xd[8], td[8], sd[8], rd[8];
   size_t cr, xr, tr, sr, rr;
-  if (!dims_of(cv, cd, &cr) || !dims_of(xv, xd, &xr) || !dims_of(tv, td, &tr) || !dims_of(sv, sd, &sr) ||
-      !dims_of(rv, rd, &rr))
+  if (!tensor_dims(cv, cd, &cr) || !tensor_dims(xv, xd, &xr) || !tensor_dims(tv, td, &tr) ||
+      !tensor_dims(sv, sd, &sr) || !tensor_dims(rv, rd, &rr))
     return;  /* no output: ONNX Runtime reports it */
   RefineJob j;
   void* p;
@@ -162,22 +152,17 @@ static void ORT_API_CALL refine_compute(void* kernel, OrtKernelContext* ctx) {
   if (tr != 2 || sr != 2 || rr != 1 || rd[0] != 1 || xrows != rows || td[0] != j.V || td[1] != j.K ||
       j.block <= 0 || j.K % j.block || sd[0] != j.V || sd[1] != j.K / j.block)
     return;
-  if ((st = ort_api->GetTensorMutableData((OrtValue*)rv, &p))) { ort_api->ReleaseStatus(st); return; }
+  CHECK(ort_api->GetTensorMutableData((OrtValue*)rv, &p));
   j.R = *(const int64_t*)p;
   if (j.R < 1 || j.R > j.V) return;
   OrtValue* out;
-  if ((st = ort_api->KernelContext_GetOutput(ctx, 0, cd, cr, &out))) { ort_api->ReleaseStatus(st); return; }
-  if ((st = ort_api->GetTensorMutableData((OrtValue*)cv, &p))) { ort_api->ReleaseStatus(st); return; }
-  j.coarse = (const float*)p;
-  if ((st = ort_api->GetTensorMutableData((OrtValue*)xv, &p))) { ort_api->ReleaseStatus(st); return; }
-  j.x = (const float*)p;
-  if ((st = ort_api->GetTensorMutableData((OrtValue*)tv, &p))) { ort_api->ReleaseStatus(st); return; }
-  j.table = (const uint8_t*)p;
-  if ((st = ort_api->GetTensorMutableData((OrtValue*)sv, &p))) { ort_api->ReleaseStatus(st); return; }
-  j.scales = (const float*)p;
-  if ((st = ort_api->GetTensorMutableData(out, &p))) { ort_api->ReleaseStatus(st); return; }
-  j.y = (float*)p;
-  st = rows > 1 && ort_parallel_for ? ort_parallel_for(ctx, refine_row, (size_t)rows, 0, &j) : NULL;
+  CHECK(ort_api->KernelContext_GetOutput(ctx, 0, cd, cr, &out));
+  CHECK(ort_api->GetTensorMutableData((OrtValue*)cv, &p)); j.coarse = (const float*)p;
+  CHECK(ort_api->GetTensorMutableData((OrtValue*)xv, &p)); j.x = (const float*)p;
+  CHECK(ort_api->GetTensorMutableData((OrtValue*)tv, &p)); j.table = (const uint8_t*)p;
+  CHECK(ort_api->GetTensorMutableData((OrtValue*)sv, &p)); j.scales = (const float*)p;
+  CHECK(ort_api->GetTensorMutableData(out, &p)); j.y = (float*)p;
+  OrtStatus* st = rows > 1 && ort_parallel_for ? ort_parallel_for(ctx, refine_row, (size_t)rows, 0, &j) : NULL;
   if (rows <= 1 || !ort_parallel_for || st) {
     if (st) ort_api->ReleaseStatus(st);
     for (int64_t r = 0; r < rows; ++r) refine_row(&j, (size_t)r);

@@ -36,11 +36,9 @@
 #define QUAD_PAIR 160  /* packed, per pair of blocks: the codes of four columns (4 x 32 bytes), then each one's
                           d_b, d_b+1, m_b, m_b+1 as float16 (4 x 8 bytes) */
 
-static const OrtApi* ort;
+const OrtApi* ort_api;
 /* OrtApi::KernelContext_ParallelFor is slot 274 of the function table (API version 16 on); the vendored
    header is the 1.13 one, so it is read by position (the table only ever grows). */
-static ParallelFor parallel_for;
-const OrtApi* ort_api;  /* the same two, for the library's other ops (ort_ops.h) */
 ParallelFor ort_parallel_for;
 #define PARALLEL_FOR_SLOT 274
 #define PARALLEL_FOR_VERSION 16
@@ -240,8 +238,6 @@ static void work(void* data, size_t index) {
   }
 }
 
-#define CHECK(expr) do { OrtStatus* st_ = (expr); if (st_) { ort->ReleaseStatus(st_); return; } } while (0)
-
 static void* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info) {
   (void)op;
   Kernel* k = (Kernel*)calloc(1, sizeof(Kernel));
@@ -255,31 +251,26 @@ static void* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi* api
 static void ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   Kernel* k = (Kernel*)kernel;
   const OrtValue *a, *qv, *dv, *ov;
-  CHECK(ort->KernelContext_GetInput(ctx, 0, &a));
-  CHECK(ort->KernelContext_GetInput(ctx, 1, &qv));
-  CHECK(ort->KernelContext_GetInput(ctx, 2, &dv));
-  CHECK(ort->KernelContext_GetInput(ctx, 3, &ov));
-  OrtTensorTypeAndShapeInfo* info;
-  CHECK(ort->GetTensorTypeAndShape(a, &info));
+  CHECK(ort_api->KernelContext_GetInput(ctx, 0, &a));
+  CHECK(ort_api->KernelContext_GetInput(ctx, 1, &qv));
+  CHECK(ort_api->KernelContext_GetInput(ctx, 2, &dv));
+  CHECK(ort_api->KernelContext_GetInput(ctx, 3, &ov));
   size_t rank = 0;
   int64_t dims[8];
-  OrtStatus* st = ort->GetDimensionsCount(info, &rank);
-  if (!st && rank >= 1 && rank <= 8) st = ort->GetDimensions(info, dims, rank);
-  ort->ReleaseTensorTypeAndShapeInfo(info);
-  if (st) { ort->ReleaseStatus(st); return; }
+  if (!tensor_dims(a, dims, &rank)) return;
   if (rank < 1 || rank > 8 || dims[rank - 1] != k->K || k->K % BLK || (k->swiglu && k->N % 2)) return;  /* no output: ORT reports it */
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < rank; ++i) rows *= dims[i];
   dims[rank - 1] = k->swiglu ? k->N / 2 : k->N;
   OrtValue* out;
-  CHECK(ort->KernelContext_GetOutput(ctx, 0, dims, rank, &out));
+  CHECK(ort_api->KernelContext_GetOutput(ctx, 0, dims, rank, &out));
   Job j;
   void* p;
-  CHECK(ort->GetTensorMutableData((OrtValue*)a, &p)); const float* x = (const float*)p;
-  CHECK(ort->GetTensorMutableData((OrtValue*)qv, &p)); j.q = (const uint8_t*)p;
-  CHECK(ort->GetTensorMutableData((OrtValue*)dv, &p)); j.d = (const float*)p;
-  CHECK(ort->GetTensorMutableData((OrtValue*)ov, &p)); j.off = (const float*)p;
-  CHECK(ort->GetTensorMutableData(out, &p)); j.y = (float*)p;
+  CHECK(ort_api->GetTensorMutableData((OrtValue*)a, &p)); const float* x = (const float*)p;
+  CHECK(ort_api->GetTensorMutableData((OrtValue*)qv, &p)); j.q = (const uint8_t*)p;
+  CHECK(ort_api->GetTensorMutableData((OrtValue*)dv, &p)); j.d = (const float*)p;
+  CHECK(ort_api->GetTensorMutableData((OrtValue*)ov, &p)); j.off = (const float*)p;
+  CHECK(ort_api->GetTensorMutableData(out, &p)); j.y = (float*)p;
   j.rows = rows; j.N = k->N; j.nb = k->K / BLK; j.pairs = (j.nb + 1) / 2; j.packed = NULL;
   j.swiglu = k->swiglu != 0; j.out = j.swiglu ? k->N / 2 : k->N;
   if (rows == 0 || k->N == 0) return;
@@ -307,9 +298,9 @@ static void ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   }
 #endif
   size_t tasks = (size_t)((j.out + CHUNK - 1) / CHUNK);
-  st = parallel_for ? parallel_for(ctx, work, tasks, 0, &j) : NULL;
-  if (!parallel_for || st) {
-    if (st) ort->ReleaseStatus(st);
+  OrtStatus* st = ort_parallel_for ? ort_parallel_for(ctx, work, tasks, 0, &j) : NULL;
+  if (!ort_parallel_for || st) {
+    if (st) ort_api->ReleaseStatus(st);
     for (size_t i = 0; i < tasks; ++i) work(&j, i);
   }
   free(buf);
@@ -332,11 +323,9 @@ static OrtCustomOp op;
 
 OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
   const OrtApi* newer = base->GetApi(PARALLEL_FOR_VERSION);
-  ort = newer ? newer : base->GetApi(BASE_VERSION);
-  if (!ort) return NULL;
-  parallel_for = newer ? (ParallelFor)((void* const*)newer)[PARALLEL_FOR_SLOT] : NULL;
-  ort_api = ort;
-  ort_parallel_for = parallel_for;
+  ort_api = newer ? newer : base->GetApi(BASE_VERSION);
+  if (!ort_api) return NULL;
+  ort_parallel_for = newer ? (ParallelFor)((void* const*)newer)[PARALLEL_FOR_SLOT] : NULL;
   memset(&op, 0, sizeof op);
   op.version = BASE_VERSION;
   op.CreateKernel = create_kernel; op.GetName = op_name; op.GetExecutionProviderType = op_ep;
@@ -344,9 +333,9 @@ OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtA
   op.KernelCompute = compute; op.KernelDestroy = destroy;
   op.GetInputCharacteristic = required; op.GetOutputCharacteristic = required; op.GetInputMemoryType = in_mem;
   OrtCustomOpDomain* domain;
-  OrtStatus* st = ort->CreateCustomOpDomain("adainfer", &domain);
+  OrtStatus* st = ort_api->CreateCustomOpDomain("adainfer", &domain);
   if (st) return st;
-  if ((st = ort->CustomOpDomain_Add(domain, &op))) return st;
-  if ((st = ort->CustomOpDomain_Add(domain, head_refine_op()))) return st;
-  return ort->AddCustomOpDomain(options, domain);
+  if ((st = ort_api->CustomOpDomain_Add(domain, &op))) return st;
+  if ((st = ort_api->CustomOpDomain_Add(domain, head_refine_op()))) return st;
+  return ort_api->AddCustomOpDomain(options, domain);
 }
