@@ -11,6 +11,11 @@ from pathlib import Path
 import onnx
 
 
+def node_attrs(node: onnx.NodeProto) -> dict:
+    """A node's attributes by name, as Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
 def save_graph(model: onnx.ModelProto, path: Path, weight_bytes: int, threshold: int) -> None:
     """Save `model` at `path`, with external data when `weight_bytes` exceeds `threshold`; then check it."""
     path = Path(path)

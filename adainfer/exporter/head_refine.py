@@ -31,19 +31,15 @@ from onnx import helper, numpy_helper
 
 from ..errors import ExportError
 from .gguf_grid import pack_4_bits
-from .graph_files import replace_body
+from .graph_files import node_attrs, replace_body
 
 #: MatMulNBits' default zero point at 8 bits (unsigned storage of symmetric integers)
 ZERO_8 = 128
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def eight_bit_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The graph's 8-bit MatMulNBits nodes without zero points (in a head graph: its LM head)."""
-    return [n for n in model.graph.node if n.op_type == "MatMulNBits" and _attrs(n).get("bits") == 8
+    return [n for n in model.graph.node if n.op_type == "MatMulNBits" and node_attrs(n).get("bits") == 8
             and len([i for i in n.input if i]) == 3]
 
 
@@ -72,13 +68,13 @@ def refine_heads(model: onnx.ModelProto, candidates: int) -> onnx.ModelProto:
     if len(heads) != 1:
         raise ExportError(f"--head-refine needs an 8-bit LM head (--head-bits 8); {model.graph.name or 'the head graph'} "
                           f"has {len(heads)} 8-bit MatMulNBits")
-    vocab = _attrs(heads[0])["N"]
+    vocab = node_attrs(heads[0])["N"]
     if not 1 <= candidates <= vocab:
         raise ExportError(f"--head-refine takes 1..{vocab} candidates (the vocabulary), got {candidates}")
     (node,) = heads
     inits = {t.name: t for t in model.graph.initializer}
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    attrs = _attrs(node)
+    attrs = node_attrs(node)
     n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
     x, b_name, s_name = node.input[:3]
     table = numpy_helper.to_array(inits[b_name]).reshape(n, k)

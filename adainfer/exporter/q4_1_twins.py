@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from ..manifest import Manifest
 from ..runtime.q4_1_kernel import DOMAIN, OP, REFINE_OP, twin_file, twin_key
+from .graph_files import node_attrs
 from .skip_norms import fuse_skip_norms
 
 ATTENTION_BIAS = 10  # GroupQueryAttention's input (rotary_fold.py lists them)
@@ -39,7 +40,7 @@ def fuse_q4_1(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         nbits, offset = producer.get(node.input[0]), producer.get(node.input[1])
         if nbits is None or offset is None or nbits.op_type != "MatMulNBits" or offset.op_type != "MatMul":
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in nbits.attribute}
+        attrs = node_attrs(nbits)
         if len(nbits.input) != 3 or attrs.get("bits") != 4 or attrs.get("block_size") != 32:
             continue
         fused[id(node)] = helper.make_node(OP, [*nbits.input[:3], offset.input[1]], [node.output[0]],
@@ -54,30 +55,42 @@ def fuse_q4_1(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, len(fused)
 
 
+class _Readers:
+    """The nodes reading each value of a node list; a graph output is read by the caller too."""
+
+    def __init__(self, nodes: list, graph: onnx.GraphProto):
+        self.by_name: dict = {}
+        for node in nodes:
+            for name in node.input:
+                self.by_name.setdefault(name, []).append(node)
+        self.outputs = {o.name for o in graph.output}
+
+    def only(self, name: str, count: int = 1) -> list:
+        """`name`'s readers where it has exactly `count` and is no graph output, else []."""
+        found = self.by_name.get(name, [])
+        return found if len(found) == count and name not in self.outputs else []
+
+    def unread(self, name: str) -> bool:
+        return name not in self.by_name and name not in self.outputs
+
+
 def _fuse_swiglu(nodes: list, graph: onnx.GraphProto) -> list:
     """`nodes` with each fused node whose output only the SwiGLU pattern reads, `silu(gate) * up` with
     `gate, up = Split(y)` in equal halves of the last axis, made one node with `swiglu=1` writing the product."""
-    readers: dict = {}
-    for node in nodes:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    graph_outputs = {o.name for o in graph.output}
+    reads = _Readers(nodes, graph)
+    only = reads.only
     constants = {t.name: t for t in graph.initializer}
-
-    def only(name: str, count: int = 1) -> list:
-        found = readers.get(name, [])
-        return found if len(found) == count and name not in graph_outputs else []
 
     replaced, dropped = {}, set()  # by identity: names are not required to be unique
     for node in nodes:
         if node.op_type != OP or node.domain != DOMAIN:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attrs(node)
         split = only(node.output[0])
         if attrs.get("swiglu") or attrs["N"] % 2 or not split or split[0].op_type != "Split" or len(split[0].output) != 2:
             continue
         split = split[0]
-        axis = {a.name: helper.get_attribute_value(a) for a in split.attribute}.get("axis", 0)
+        axis = node_attrs(split).get("axis", 0)
         sizes = constants.get(split.input[1]) if len(split.input) > 1 else None
         if axis != -1 or sizes is None or numpy_helper.to_array(sizes).tolist() != [attrs["N"] // 2] * 2:
             continue
@@ -94,7 +107,7 @@ def _fuse_swiglu(nodes: list, graph: onnx.GraphProto) -> list:
         replaced[id(node)] = helper.make_node(OP, list(node.input), [product.output[0]], name=node.name, domain=DOMAIN,
                                                K=attrs["K"], N=attrs["N"], swiglu=1)
         dropped |= {id(split), id(sigmoid[0]), id(silu[0]), id(product)}
-        if len(readers[split.input[1]]) == 1:  # the split sizes, read by nothing else
+        if len(reads.by_name[split.input[1]]) == 1:  # the split sizes, read by nothing else
             graph.initializer.remove(sizes)
     return [replaced.get(id(n), n) for n in nodes if id(n) not in dropped]
 
@@ -107,32 +120,24 @@ def fuse_head_refine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     left to the graph."""
     nodes = list(model.graph.node)
     producer = {out: node for node in nodes for out in node.output}
-    reads: dict = {}
-    for node in nodes:
-        for name in node.input:
-            reads[name] = reads.get(name, 0) + 1
-    outputs = {o.name for o in model.graph.output}
+    reads = _Readers(nodes, model.graph)
 
     def made(name: str, op: str, read: int = 1):
         node = producer.get(name)
-        ok = node is not None and node.op_type == op and reads.get(name) == read and name not in outputs
-        return node if ok else None
-
-    def attrs(node) -> dict:
-        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        return node if node is not None and node.op_type == op and reads.only(name, read) else None
 
     replaced = {}
     for scatter in nodes:
-        if scatter.op_type != "ScatterElements" or len(scatter.input) != 3 or attrs(scatter).get("axis") != -1:
+        if scatter.op_type != "ScatterElements" or len(scatter.input) != 3 or node_attrs(scatter).get("axis") != -1:
             continue
         tail, top, exact = scatter.input
         low, squeeze = made(tail, "Min"), made(exact, "Squeeze", 2)
         floor = made(low.input[1], "ReduceMin") if low is not None and len(low.input) == 2 else None
         topk = producer.get(top)
         if any(n is None for n in (low, squeeze, floor, topk)) or floor.input[0] != exact or topk.op_type != "TopK" \
-                or reads.get(top) != 2 or top in outputs or topk.input[0] != low.input[0] \
-                or attrs(topk).get("axis") != -1 or attrs(topk).get("largest", 1) != 1 \
-                or reads.get(topk.output[0], 0) or topk.output[0] in outputs:
+                or not reads.only(top, 2) or topk.input[0] != low.input[0] \
+                or node_attrs(topk).get("axis") != -1 or node_attrs(topk).get("largest", 1) != 1 \
+                or not reads.unread(topk.output[0]):
             continue
         matmul = made(squeeze.input[0], "MatMul")
         rows = made(matmul.input[0], "GatherBlockQuantized") if matmul is not None else None
@@ -140,7 +145,7 @@ def fuse_head_refine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if rows is None or column is None or len(rows.input) != 3 or rows.input[1] != top \
                 or column.input[1:] != squeeze.input[1:]:  # x made a column and the products squeezed on one axis
             continue
-        a = attrs(rows)
+        a = node_attrs(rows)
         if (a.get("bits"), a.get("gather_axis"), a.get("quantize_axis")) != (8, 0, 1):
             continue
         table, _, scales = rows.input

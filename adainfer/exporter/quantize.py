@@ -57,7 +57,7 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError
-from .graph_files import replace_body, save_graph
+from .graph_files import node_attrs, replace_body, save_graph
 from .head_refine import refine_heads
 from .projections import fuse_projections
 
@@ -228,7 +228,7 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     inits = _initializers(model)
     nodes = []
     for node in model.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attrs(node)
         if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             nodes.append(node)

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph_files import node_attrs
+
 MS_DOMAIN = "com.microsoft"
 
 
@@ -45,7 +47,7 @@ def fuse_skip_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if pow_ is None or value(pow_.input[1]) is None or not np.all(value(pow_.input[1]) == 2):
             continue
         mean = sole(pow_, "ReduceMean")
-        if mean is None or {a.name: helper.get_attribute_value(a) for a in mean.attribute}.get("axes") != [-1]:
+        if mean is None or node_attrs(mean).get("axes") != [-1]:
             continue
         plus_eps = sole(mean, "Add")
         eps = value(plus_eps.input[1]) if plus_eps is not None else None

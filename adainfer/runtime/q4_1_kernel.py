@@ -25,10 +25,9 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-SOURCE = Path(__file__).resolve().with_name("kernels") / "q4_1_matmul.c"
-#: compiled together into one library (q4_1_matmul.c registers every op); ort_ops.h is what they share
-SOURCES = (SOURCE, SOURCE.with_name("head_refine.c"))
-HEADERS = (SOURCE.with_name("ort_ops.h"),)
+KERNELS = Path(__file__).resolve().with_name("kernels")
+#: compiled together into one library (q4_1_matmul.c registers every op; ort_ops.h is what they share)
+SOURCES = (KERNELS / "q4_1_matmul.c", KERNELS / "head_refine.c")
 FAST_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
 #: "0" turns the kernel off (the standard graphs run)
@@ -67,7 +66,7 @@ def build(out_dir: Path, fast: bool = True) -> Path:
     """Compile the library into `out_dir` (AVX2/FMA/F16C when `fast`, else plain C); raises on failure."""
     suffix = "" if fast else "-plain"
     library = Path(out_dir) / f"libq4_1_matmul{suffix}.so"
-    flags = [*FLAGS, f"-I{SOURCE.parent}", *(FAST_FLAGS if fast else ())]
+    flags = [*FLAGS, f"-I{KERNELS}", *(FAST_FLAGS if fast else ())]
     subprocess.run([os.environ.get("CC", "cc"), *flags, *map(str, SOURCES), "-o", str(library), "-lm"], check=True,
                    capture_output=True)
     return library
@@ -87,7 +86,7 @@ def library() -> Optional[Path]:
 def _cached_build() -> Optional[Path]:
     from ..fetch import default_cache  # the one cache directory of the package
 
-    code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    code = b"".join(path.read_bytes() for path in sorted(KERNELS.glob("*.[ch]")))  # the sources and their headers
     digest = hashlib.sha256(code + " ".join(FLAGS + FAST_FLAGS).encode()).hexdigest()[:16]
     target = default_cache() / "kernels" / f"libq4_1_matmul-{digest}.so"
     if target.is_file():
